@@ -1,0 +1,266 @@
+"""The initiator's state machine: one client's connection to one server (SPEC §8).
+
+    conn = ClientConnection(private_key=..., server_public=..., rng=os.urandom, wall_offset=...)
+    conn.connect(now)
+    for dg in conn.datagrams_to_send(): sock.send(dg)
+    packet = conn.receive_datagram(dg, now)        # an IP packet, or None
+    dg = conn.encrypt(packet, now)                 # hot path: a datagram, or None
+    conn.handle_timer(now) when now >= conn.get_timer()
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Callable
+
+from . import control
+from .constants import (
+    DEAD_PEER_TIMEOUT, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, MSG_COOKIE_REPLY, MSG_RESPONSE,
+    MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_TIMEOUT,
+)
+from .cookie import CookieChecker, CookieGenerator
+from .errors import BadPacket
+from .events import ControlReceived, HandshakeCompleted, ServerClosed
+from .handshake import consume_response, create_initiation
+from .noise import public_key
+from .session import ip_packet_length, pad
+from .wire import unpack_transport_header_untrusted
+
+IDLE, HANDSHAKING, ESTABLISHED, CLOSED = "idle", "handshaking", "established", "closed"
+
+# One table owns the state transitions (SPEC §8.1).
+TRANSITIONS = {
+    (IDLE, "connect"): HANDSHAKING,
+    (HANDSHAKING, "response"): ESTABLISHED,
+    (ESTABLISHED, "response"): ESTABLISHED,        # rekey or reconnect completed
+    (ESTABLISHED, "expired"): HANDSHAKING,         # current keypair reached REJECT_AFTER_TIME
+    (ESTABLISHED, "server-close"): HANDSHAKING,    # server went away: keep trying
+    (HANDSHAKING, "server-close"): HANDSHAKING,
+    (IDLE, "close"): CLOSED,
+    (HANDSHAKING, "close"): CLOSED,
+    (ESTABLISHED, "close"): CLOSED,
+}
+
+
+class ClientConnection:
+    def __init__(self, *, private_key: bytes, server_public: bytes, rng: Callable[[int], bytes],
+                 psk: bytes | None = None, wall_offset: float = 0.0, features=(), persistent_keepalive: float = 0):
+        self._private = bytearray(private_key)
+        self.public = public_key(self._private)
+        self.server_public = bytes(server_public)
+        self._psk = psk
+        self._rng = rng
+        self._wall_offset = wall_offset
+        self.features = list(features)
+        self.persistent_keepalive = persistent_keepalive
+        self._macs = CookieGenerator(self.server_public)
+        self._checker = CookieChecker(self.public, rng)
+        self.state = IDLE
+        self.current = self.previous = self.pending = None
+        self._last_initiation = None
+        self._out: deque[bytes] = deque()
+        self._events: deque = deque()
+        self.last_handshake = None      # monotonic time of the last completed handshake
+        self.last_rx = self.last_tx = self.last_data_rx = None
+        self._unanswered_since = None   # first data sent after the last authenticated receive
+        self.rx_bytes = self.tx_bytes = 0
+        self.drops: Counter[str] = Counter()
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.state}>"
+
+    def __reduce__(self):
+        raise TypeError("session state is memory-only")
+
+    def _transition(self, what: str) -> None:
+        self.state = TRANSITIONS[(self.state, what)]
+
+    # --- outputs --------------------------------------------------------------
+    def datagrams_to_send(self) -> list[bytes]:
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    # --- handshake --------------------------------------------------------------
+    def connect(self, now: float) -> None:
+        self._transition("connect")
+        self._send_initiation(now)
+
+    def _send_initiation(self, now: float) -> None:
+        if self.pending is not None:
+            self.pending.noise.wipe()
+        index = int.from_bytes(self._rng(4), "little")
+        msg, self.pending = create_initiation(
+            static_private=self._private, remote_static=self.server_public, psk=self._psk,
+            ephemeral=self._rng(32), index=index, wall_time=now + self._wall_offset, now=now, macs=self._macs)
+        self._last_initiation = now
+        self._out.append(msg)
+
+    def _receive_response(self, dg: bytes, now: float) -> None:
+        if self.pending is None:
+            raise BadPacket("unexpected-response")
+        kp = consume_response(dg, self.pending, checker=self._checker, now=now)
+        self.pending = None
+        if self.previous is not None:
+            self.previous.wipe()
+        self.previous, self.current = self.current, kp
+        self.last_handshake = self.last_rx = now
+        self._unanswered_since = None
+        self._transition("response")
+        self._events.append(HandshakeCompleted())
+        # the first transport message confirms the keypair to the responder
+        self.send_control(control.hello(self.features), now)
+
+    # --- transport ---------------------------------------------------------------
+    def receive_datagram(self, dg: bytes, now: float) -> bytes | None:
+        """Process one datagram from the server; returns an IP packet for the TUN, or None."""
+        try:
+            t = dg[0] if dg else 0
+            if t == MSG_TRANSPORT:
+                return self._receive_transport(dg, now)
+            if self.state == CLOSED:
+                raise BadPacket("closed")
+            if t == MSG_RESPONSE:
+                self._receive_response(dg, now)
+            elif t == MSG_COOKIE_REPLY:
+                if self.pending is None or self._macs.consume_reply(dg, now) != self.pending.index:
+                    raise BadPacket("cookie-index")
+            else:
+                raise BadPacket("type")
+        except BadPacket as exc:
+            self.drops[exc.reason] += 1
+        return None
+
+    def _keypair_for(self, index: int):
+        for kp in (self.current, self.previous):
+            if kp is not None and kp.local_index == index:
+                return kp
+        raise BadPacket("index")
+
+    def _receive_transport(self, dg: bytes, now: float) -> bytes | None:
+        kind, index, counter = unpack_transport_header_untrusted(dg)
+        plain = self._keypair_for(index).open(dg, counter)
+        self.last_rx = now
+        self._unanswered_since = None
+        self.rx_bytes += len(dg)
+        if kind == KIND_DATA:
+            if not plain:
+                return None  # keepalive
+            n = ip_packet_length(plain)
+            if n <= 0:
+                raise BadPacket("inner-length")
+            self.last_data_rx = now
+            return plain[:n]
+        if kind == KIND_CONTROL:
+            self._receive_control(control.decode_untrusted(plain), now)
+            return None
+        raise BadPacket("kind")
+
+    def _receive_control(self, msg: dict, now: float) -> None:
+        if msg["type"] == "close":
+            self._drop_keypairs()
+            self._transition("server-close")
+            self._last_initiation = now  # first retry after REKEY_TIMEOUT
+            self._events.append(ServerClosed(msg["reason"]))
+        else:
+            self._events.append(ControlReceived(msg))
+
+    def encrypt(self, packet: bytes, now: float) -> bytes | None:
+        """Hot path: one IP packet to one datagram, or None (no session yet: dropped and counted)."""
+        kp = self.current
+        if kp is None:
+            self.drops["no-session"] += 1
+            return None
+        dg = kp.seal(KIND_DATA, pad(packet))
+        self.last_tx = now
+        if self._unanswered_since is None:
+            self._unanswered_since = now
+        self.tx_bytes += len(dg)
+        return dg
+
+    def send_packet(self, packet: bytes, now: float) -> None:
+        dg = self.encrypt(packet, now)
+        if dg is not None:
+            self._out.append(dg)
+
+    def send_control(self, msg: dict, now: float) -> None:
+        if self.current is None:
+            return
+        dg = self.current.seal(KIND_CONTROL, control.encode(msg))
+        self.last_tx = now
+        self.tx_bytes += len(dg)
+        self._out.append(dg)
+
+    def _send_keepalive(self, now: float) -> None:
+        dg = self.current.seal(KIND_DATA, b"")
+        self.last_tx = now
+        self.tx_bytes += len(dg)
+        self._out.append(dg)
+
+    # --- timers --------------------------------------------------------------
+    def get_timer(self) -> float | None:
+        """The earliest time handle_timer has something to do, or None."""
+        if self.state in (IDLE, CLOSED):
+            return None
+        t = []
+        if self.pending is not None or self.current is None:
+            t.append((self._last_initiation or 0) + REKEY_TIMEOUT)
+        for kp in (self.current, self.previous):
+            if kp is not None:
+                t.append(kp.created + REJECT_AFTER_TIME)
+        if self.current is not None:
+            t.append(self.current.created + REKEY_AFTER_TIME)
+            if self._unanswered_since is not None:
+                t.append(self._unanswered_since + DEAD_PEER_TIMEOUT)
+            if self.last_data_rx is not None and (self.last_tx is None or self.last_tx < self.last_data_rx):
+                t.append(self.last_data_rx + KEEPALIVE_TIMEOUT)
+            if self.persistent_keepalive:
+                t.append((self.last_tx or 0) + self.persistent_keepalive)
+        return min(t)
+
+    def handle_timer(self, now: float) -> None:
+        if self.state in (IDLE, CLOSED):
+            return
+        if self.previous is not None and now - self.previous.created >= REJECT_AFTER_TIME:
+            self.previous.wipe()
+            self.previous = None
+        cur = self.current
+        if cur is not None and now - cur.created >= REJECT_AFTER_TIME:
+            cur.wipe()
+            self.current = cur = None
+            self._transition("expired")
+        if self.pending is not None or cur is None:
+            if now - (self._last_initiation or 0) >= REKEY_TIMEOUT:
+                self._send_initiation(now)
+            return
+        if now - cur.created >= REKEY_AFTER_TIME:
+            self._send_initiation(now)
+        elif self._unanswered_since is not None and now - self._unanswered_since >= DEAD_PEER_TIMEOUT:
+            self._unanswered_since = None
+            self._send_initiation(now)
+        if self.last_data_rx is not None and (self.last_tx is None or self.last_tx < self.last_data_rx) \
+                and now - self.last_data_rx >= KEEPALIVE_TIMEOUT:
+            self._send_keepalive(now)
+        elif self.persistent_keepalive and now - (self.last_tx or 0) >= self.persistent_keepalive:
+            self._send_keepalive(now)
+
+    # --- teardown --------------------------------------------------------------
+    def _drop_keypairs(self) -> None:
+        for kp in (self.current, self.previous):
+            if kp is not None:
+                kp.wipe()
+        self.current = self.previous = None
+        if self.pending is not None:
+            self.pending.noise.wipe()
+            self.pending = None
+
+    def close(self, now: float, reason: str = "client disconnected") -> None:
+        """Tell the server (if a session exists), then forget all keys."""
+        if self.current is not None:
+            self.send_control(control.close(reason), now)
+        self._drop_keypairs()
+        self._private[:] = bytes(32)
+        self._transition("close")

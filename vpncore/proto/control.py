@@ -1,0 +1,99 @@
+"""Control channel messages: msgpack maps inside transport messages (SPEC §6).
+
+Plaintext of a KIND_CONTROL transport message: u16 big-endian length, that many
+bytes of msgpack, zero padding. Decoded only after the AEAD tag verified, with
+bounded sizes; anything malformed is a BadPacket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import msgpack
+
+from .constants import CONTROL_MAX_ITEMS, CONTROL_MAX_LEN, CONTROL_VERSION, PADDING_MULTIPLE
+from .errors import BadPacket
+
+_LEN = struct.Struct(">H")
+MAX_STR = 256
+
+# type -> {field: (python type, required)}; fields not listed are ignored on receipt.
+SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
+    "hello": {"version": (int, True), "features": (list, False)},
+    "config": {"version": (int, True), "ipv4": (str, False), "ipv6": (str, False), "routes": (list, True),
+               "mtu": (int, True), "dns": (list, False), "keepalive": (int, False), "features": (list, False)},
+    "close": {"reason": (str, True)},
+}
+
+
+def encode(msg: dict) -> bytes:
+    """Plaintext for a control message (length, msgpack, padding). ValueError if too big."""
+    body = msgpack.packb(msg, use_bin_type=True)
+    if len(body) > CONTROL_MAX_LEN:
+        raise ValueError("control message too long")
+    plain = _LEN.pack(len(body)) + body
+    return plain + bytes(-len(plain) % PADDING_MULTIPLE)
+
+
+def hello(features=()) -> dict:
+    return {"type": "hello", "version": CONTROL_VERSION, "features": list(features)}
+
+
+def close(reason: str) -> dict:
+    return {"type": "close", "reason": reason[:MAX_STR]}
+
+
+def _check_field(name: str, value, want: type) -> None:
+    if want is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise BadPacket("control-field")
+    if not isinstance(value, want):
+        raise BadPacket("control-field")
+    if isinstance(value, str) and len(value) > MAX_STR:
+        raise BadPacket("control-field")
+    if isinstance(value, list):
+        if len(value) > CONTROL_MAX_ITEMS or not all(isinstance(v, str) and len(v) <= MAX_STR for v in value):
+            raise BadPacket("control-field")
+
+
+def _check_config(msg: dict) -> None:
+    try:
+        for key in ("ipv4", "ipv6"):
+            if key in msg:
+                ipaddress.ip_interface(msg[key])
+        for r in msg["routes"]:
+            ipaddress.ip_network(r, strict=False)
+        for d in msg.get("dns", ()):
+            ipaddress.ip_address(d)
+    except ValueError as exc:
+        raise BadPacket("control-field") from exc
+    if not 576 <= msg["mtu"] <= 65535:
+        raise BadPacket("control-field")
+
+
+def decode_untrusted(plaintext: bytes) -> dict:
+    """A validated control message (a dict with a known "type"), or BadPacket."""
+    if len(plaintext) < 2:
+        raise BadPacket("control-length")
+    (n,) = _LEN.unpack_from(plaintext)
+    if n > CONTROL_MAX_LEN or n + 2 > len(plaintext):
+        raise BadPacket("control-length")
+    try:
+        msg = msgpack.unpackb(bytes(plaintext[2:2 + n]), raw=False, strict_map_key=True,
+                              max_str_len=MAX_STR, max_bin_len=MAX_STR, max_array_len=CONTROL_MAX_ITEMS,
+                              max_map_len=CONTROL_MAX_ITEMS, max_ext_len=0)
+    except Exception as exc:  # msgpack raises many types on malformed input
+        raise BadPacket("control-msgpack") from exc
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise BadPacket("control-type")
+    schema = SCHEMA.get(msg["type"])
+    if schema is None:
+        raise BadPacket("control-type")
+    for name, (want, required) in schema.items():
+        if name in msg:
+            _check_field(name, msg[name], want)
+        elif required:
+            raise BadPacket("control-field")
+    if msg["type"] == "config":
+        _check_config(msg)
+    return msg

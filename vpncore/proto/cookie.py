@@ -1,0 +1,114 @@
+"""mac1, mac2 and the cookie reply: cheap rejection and load shedding (SPEC §4.5).
+
+mac1 = MAC(HASH(LABEL_MAC1 || S_pub of the receiver), msg[:mac1 offset])
+cookie = MAC(secret, source), secret random and replaced every COOKIE_SECRET_LIFETIME
+mac2 = MAC(cookie, msg[:mac2 offset]) when a fresh cookie is held, else 16 zero bytes
+The cookie travels in a cookie reply encrypted with XChaCha20-Poly1305 under
+HASH(LABEL_COOKIE || S_pub of the cookie's sender), with the mac1 it answers as AD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from typing import Callable
+
+from nacl.bindings import (
+    crypto_aead_xchacha20poly1305_ietf_decrypt,
+    crypto_aead_xchacha20poly1305_ietf_encrypt,
+)
+
+from .constants import (
+    COOKIE_LIFETIME, COOKIE_NONCE_LEN, COOKIE_SECRET_LIFETIME, LABEL_COOKIE, LABEL_MAC1, MAC_LEN,
+)
+from .errors import BadPacket
+from .wire import pack_cookie_reply, unpack_cookie_reply_untrusted
+
+ZERO_MAC = bytes(MAC_LEN)
+
+
+def _hash(data: bytes) -> bytes:
+    return hashlib.blake2s(data).digest()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    return hashlib.blake2s(data, key=bytes(key), digest_size=MAC_LEN).digest()
+
+
+def mac1_key(public: bytes) -> bytes:
+    return _hash(LABEL_MAC1 + public)
+
+
+def cookie_key(public: bytes) -> bytes:
+    return _hash(LABEL_COOKIE + public)
+
+
+def source_bytes(src: tuple) -> bytes:
+    """The cookie's input: the packed IP address then the port, big-endian."""
+    return ipaddress.ip_address(src[0]).packed + int(src[1]).to_bytes(2, "big")
+
+
+class CookieChecker:
+    """Receiver side: checks mac1/mac2 of messages addressed to `public`, issues cookies."""
+
+    def __init__(self, public: bytes, rng: Callable[[int], bytes]):
+        self._mac1_key = mac1_key(public)
+        self._cookie_key = cookie_key(public)
+        self._rng = rng
+        self._secret = bytearray(rng(32))
+        self._secret_born = None
+
+    def _cookie(self, src: tuple, now: float) -> bytes:
+        if self._secret_born is None or now - self._secret_born >= COOKIE_SECRET_LIFETIME:
+            self._secret[:] = self._rng(32)
+            self._secret_born = now
+        return mac(self._secret, source_bytes(src))
+
+    def mac1_ok(self, msg: bytes) -> bool:
+        at = len(msg) - 2 * MAC_LEN
+        return hmac.compare_digest(mac(self._mac1_key, msg[:at]), msg[at:at + MAC_LEN])
+
+    def mac2_ok(self, msg: bytes, src: tuple, now: float) -> bool:
+        at = len(msg) - MAC_LEN
+        return hmac.compare_digest(mac(self._cookie(src, now), msg[:at]), msg[at:])
+
+    def make_reply(self, msg: bytes, receiver: int, src: tuple, now: float) -> bytes:
+        nonce = self._rng(COOKIE_NONCE_LEN)
+        at = len(msg) - 2 * MAC_LEN
+        sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(
+            self._cookie(src, now), msg[at:at + MAC_LEN], nonce, self._cookie_key)
+        return pack_cookie_reply(receiver, nonce, sealed)
+
+
+class CookieGenerator:
+    """Sender side: adds mac1 (and mac2 with a fresh cookie) for messages to `remote_public`."""
+
+    def __init__(self, remote_public: bytes):
+        self._mac1_key = mac1_key(remote_public)
+        self._cookie_key = cookie_key(remote_public)
+        self._cookie: bytes | None = None
+        self._cookie_at = 0.0
+        self.last_mac1: bytes | None = None
+
+    def add_macs(self, msg_without_macs: bytes, now: float) -> bytes:
+        m1 = mac(self._mac1_key, msg_without_macs)
+        self.last_mac1 = m1
+        if self._cookie is not None and now - self._cookie_at < COOKIE_LIFETIME:
+            m2 = mac(self._cookie, msg_without_macs + m1)
+        else:
+            m2 = ZERO_MAC
+        return msg_without_macs + m1 + m2
+
+    def consume_reply(self, datagram: bytes, now: float) -> int:
+        """Store the cookie of a reply; returns its receiver index. BadPacket if invalid."""
+        reply = unpack_cookie_reply_untrusted(datagram)
+        if self.last_mac1 is None:
+            raise BadPacket("cookie-unexpected")
+        try:
+            cookie = crypto_aead_xchacha20poly1305_ietf_decrypt(
+                reply.encrypted_cookie, self.last_mac1, reply.nonce, self._cookie_key)
+        except Exception as exc:  # CryptoError, ValueError, TypeError from the binding
+            raise BadPacket("cookie-aead") from exc
+        self._cookie, self._cookie_at = cookie, now
+        return reply.receiver

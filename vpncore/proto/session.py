@@ -1,0 +1,105 @@
+"""Transport data: a keypair that seals and opens transport messages (SPEC §5).
+
+Nonce = 4 zero bytes || counter (u64 LE); associated data = the 16-byte
+transport header, so type, kind, receiver and counter are all authenticated.
+Data-kind plaintext is padded with zeros to a multiple of 16 bytes.
+
+The AEAD is ChaCha20-Poly1305 (RFC 8439) from the `cryptography` package: the
+same cipher the spec names, chosen for the hot path because one call costs
+~1.3 us for 1,400 bytes against ~4.1 us through PyNaCl's binding (measured in
+bench/micro). The handshake uses PyNaCl.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from .constants import MSG_TRANSPORT, REJECT_AFTER_MESSAGES, TRANSPORT_HEADER_LEN
+from .errors import BadPacket
+from .replay import ReplayWindow
+
+HEADER = struct.Struct("<BBHIQ")
+NONCE = struct.Struct("<IQ")
+_ZEROS = bytes(16)
+
+
+class Keypair:
+    """One direction pair of transport keys from one handshake (memory only)."""
+
+    __slots__ = ("_seal", "_open", "_keys", "local_index", "remote_index", "send_counter",
+                 "replay", "created", "initiator", "peer", "__weakref__")
+
+    def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
+                 created: float, initiator: bool):
+        self._keys = [bytearray(send_key), bytearray(recv_key)]
+        self._seal = ChaCha20Poly1305(bytes(send_key)).encrypt
+        self._open = ChaCha20Poly1305(bytes(recv_key)).decrypt
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.send_counter = 0
+        self.replay = ReplayWindow()
+        self.created = created
+        self.initiator = initiator
+        self.peer = None
+
+    def __repr__(self) -> str:
+        return f"<Keypair #{self.local_index:08x}>"
+
+    def __reduce__(self):
+        raise TypeError("session state is memory-only and cannot be serialized")
+
+    def seal(self, kind: int, plaintext: bytes) -> bytes:
+        """A transport datagram carrying `plaintext`. The caller pads data (see pad())."""
+        c = self.send_counter
+        if c >= REJECT_AFTER_MESSAGES:
+            raise BadPacket("counter-exhausted")
+        self.send_counter = c + 1
+        header = HEADER.pack(MSG_TRANSPORT, kind, 0, self.remote_index, c)
+        return header + self._seal(NONCE.pack(0, c), plaintext, header)
+
+    def open(self, datagram: bytes, counter: int) -> bytes:
+        """Plaintext of a transport datagram whose header the caller parsed; BadPacket on tag or replay."""
+        if not self.replay.check(counter):
+            raise BadPacket("replay")
+        header = datagram[:TRANSPORT_HEADER_LEN]
+        try:
+            plain = self._open(NONCE.pack(0, counter), datagram[TRANSPORT_HEADER_LEN:], header)
+        except InvalidTag:
+            raise BadPacket("tag") from None
+        # the window moves only after the tag verified
+        if not self.replay.update(counter):
+            raise BadPacket("replay")
+        return plain
+
+    def wipe(self) -> None:
+        """Overwrite the key bytes we hold and drop the cipher objects (best effort in Python)."""
+        for k in self._keys:
+            k[:] = bytes(len(k))
+        self._seal = self._open = _dead
+
+
+def _dead(*_args):
+    raise BadPacket("keypair-wiped")
+
+
+def pad(packet: bytes) -> bytes:
+    """Zero padding to a multiple of 16 bytes (SPEC §5.2)."""
+    n = -len(packet) % 16
+    return packet + _ZEROS[:n] if n else packet
+
+
+def ip_packet_length(plain: bytes) -> int:
+    """Length of the IP packet at the start of padded data plaintext, or -1 if malformed."""
+    if not plain:
+        return 0
+    version = plain[0] >> 4
+    if version == 4 and len(plain) >= 20:
+        n = (plain[2] << 8) | plain[3]
+    elif version == 6 and len(plain) >= 40:
+        n = ((plain[4] << 8) | plain[5]) + 40
+    else:
+        return -1
+    return n if n <= len(plain) else -1
