@@ -1,0 +1,1 @@
+"""vpncore: the VPN protocol core (sans-IO) and its I/O layer."""
