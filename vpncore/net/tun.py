@@ -223,9 +223,15 @@ def add_address(name: str, cidr: str) -> None:
 def add_route(name: str, cidr: str) -> None:
     """Route the network `cidr` through interface `name`."""
     fam, cidr = _parse(cidr, network=True)
-    _ip(f"add route {cidr} via {name}", fam, "route", "add", cidr, "dev", name)
+    _ip(f"add route {cidr} via {name}", fam, "route", "replace", cidr, "dev", name)
 
 
 def link_up(name: str) -> None:
     """Bring the interface up."""
     _ip(f"bring {name} up", "link", "set", "dev", name, "up")
+
+
+def del_address(name: str, cidr: str) -> None:
+    """Remove an address added with add_address."""
+    fam, cidr = _parse(cidr, network=False)
+    _ip(f"remove address {cidr} from {name}", fam, "addr", "del", cidr, "dev", name)

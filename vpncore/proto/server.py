@@ -110,6 +110,10 @@ class ServerProtocol:
     def next_event(self):
         return self._events.popleft() if self._events else None
 
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
+
     # --- input --------------------------------------------------------------
     def receive_datagram(self, dg: bytes, src: tuple, now: float):
         """One datagram from `src`: (peer, ip_packet) for the TUN, or None. Never raises on bad input."""

@@ -1,0 +1,1 @@
+"""vpnclient: the command-line client, a thin policy shell over vpncore."""

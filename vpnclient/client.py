@@ -1,0 +1,274 @@
+"""vpnclient's runtime: TUN device, connected UDP socket, timers, and the local control socket."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import time
+
+import trio
+
+from vpncore.log import Log
+from vpncore.net import tun as tunlib
+from vpncore.net.udp import open_connected
+from vpncore.proto.client import ClientConnection
+from vpncore.proto.events import ControlReceived, HandshakeCompleted, ServerClosed
+from vpncore.userror import UserError
+
+from .config import ClientConfig
+from .system import Applied
+
+BATCH = 256
+TICK = 0.2
+RECV_SIZE = 65535
+INITIAL_MTU = 1420
+
+
+class Client:
+    def __init__(self, cfg: ClientConfig, log: Log, rng=os.urandom, out=print):
+        self.cfg = cfg
+        self.log = log
+        self.out = out
+        self.conn = ClientConnection(private_key=cfg.private_key, server_public=cfg.server_public, rng=rng,
+                                     psk=cfg.psk, wall_offset=time.time() - time.monotonic(),
+                                     persistent_keepalive=cfg.persistent_keepalive)
+        self.tun = None
+        self.sock = None
+        self.endpoint = None
+        self.applied = None
+        self.connected_once = False
+        self._stop = trio.Event()
+
+    def __repr__(self) -> str:
+        return "<vpnclient Client>"
+
+    def open(self) -> None:
+        self.sock, self.endpoint = open_connected(self.cfg.server_host, self.cfg.server_port)
+        try:
+            self.tun = tunlib.open_tun(self.cfg.interface)
+            tunlib.set_mtu(self.tun.name, INITIAL_MTU)
+            tunlib.link_up(self.tun.name)
+        except tunlib.TunError as exc:
+            self.close()
+            raise UserError(str(exc), 1) from None
+        self.applied = Applied(self.tun.name)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.tun is not None:
+            self.tun.close()     # removes the device with every address and route we added
+            self.tun = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.open()
+        try:
+            listener = self._open_control_socket()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._udp_loop)
+                nursery.start_soon(self._tun_loop)
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._signal_loop)
+                nursery.start_soon(self._control_loop, listener)
+                self.log.event("handshaking")
+                self.conn.connect(time.monotonic())
+                self._flush()
+                task_status.started(self)
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.conn.close(time.monotonic(), "client disconnected")
+            self._flush()
+            self._remove_control_socket()
+            self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- loops ---------------------------------------------------------------------
+    async def _signal_loop(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                self._stop.set()
+                return
+
+    async def _udp_loop(self) -> None:
+        recv = self.sock.recv
+        conn = self.conn
+        fd = self.tun.fd
+        write = os.write
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            now = time.monotonic()
+            for _ in range(BATCH):
+                try:
+                    dg = recv(RECV_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError:   # e.g. ICMP port unreachable while the server restarts
+                    continue
+                packet = conn.receive_datagram(dg, now)
+                if packet is not None:
+                    try:
+                        write(fd, packet)
+                    except OSError:
+                        pass
+            self._handle_events()
+            self._flush()
+
+    async def _tun_loop(self) -> None:
+        fd = self.tun.fd
+        read = os.read
+        encrypt = self.conn.encrypt
+        send = self.sock.send
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            now = time.monotonic()
+            for _ in range(BATCH):
+                try:
+                    packet = read(fd, RECV_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    break
+                dg = encrypt(packet, now)
+                if dg is not None:
+                    try:
+                        send(dg)
+                    except OSError:
+                        pass
+
+    async def _timer_loop(self) -> None:
+        while True:
+            await trio.sleep(TICK)
+            self.conn.handle_timer(time.monotonic())
+            self._handle_events()
+            self._flush()
+
+    def _flush(self) -> None:
+        for dg in self.conn.datagrams_to_send():
+            try:
+                self.sock.send(dg)
+            except OSError:
+                pass
+
+    def _handle_events(self) -> None:
+        while (ev := self.conn.next_event()) is not None:
+            if isinstance(ev, HandshakeCompleted):
+                if not self.connected_once:
+                    self.log.event("connected")
+                self.connected_once = True
+            elif isinstance(ev, ControlReceived) and ev.msg["type"] == "config":
+                if self.applied.apply(ev.msg):
+                    self.log.event("config-applied")
+                    self.out(f"vpnclient: tunnel up on {self.applied.ifname}: {', '.join(self.applied.addresses)}")
+            elif isinstance(ev, ServerClosed):
+                self.log.event("server-closed")
+                self.out(f"vpnclient: the server closed the session: {ev.reason}; reconnecting")
+
+    # --- status and down over a local socket ----------------------------------------------------
+    def status(self) -> dict:
+        c = self.conn
+        now = time.monotonic()
+        return {
+            "interface": self.tun.name if self.tun else None,
+            "state": c.state,
+            "server_endpoint": f"[{self.endpoint[0]}]:{self.endpoint[1]}" if ":" in self.endpoint[0]
+            else f"{self.endpoint[0]}:{self.endpoint[1]}",
+            "handshake_age_s": None if c.last_handshake is None else round(now - c.last_handshake, 1),
+            "bytes_in": c.rx_bytes,
+            "bytes_out": c.tx_bytes,
+            "addresses": list(self.applied.addresses) if self.applied else [],
+            "routes": list(self.applied.routes) if self.applied else [],
+            "mtu": self.applied.mtu if self.applied else None,
+            "dns": list(self.applied.dns) if self.applied else [],
+            "drops": sum(c.drops.values()),
+        }
+
+    def _open_control_socket(self):
+        path = self.cfg.control_socket
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            pass
+        else:
+            probe.close()
+            raise UserError(f"another vpnclient is already running with control socket {path}; "
+                            f"stop it with 'vpnclient down' or set a different control_socket", 1)
+        finally:
+            probe.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(8)
+        self._socket_path = path
+        return trio.socket.from_stdlib_socket(sock)
+
+    def _remove_control_socket(self) -> None:
+        path = getattr(self, "_socket_path", None)
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    async def _control_loop(self, listener) -> None:
+        with listener:
+            while True:
+                conn, _ = await listener.accept()
+                with conn:
+                    try:
+                        with trio.move_on_after(2):
+                            line = await conn.recv(256)
+                            cmd = line.decode("ascii", "replace").strip()
+                            if cmd == "status":
+                                await conn.send(json.dumps(self.status()).encode() + b"\n")
+                            elif cmd == "down":
+                                await conn.send(b'{"ok": true}\n')
+                                self._stop.set()
+                            else:
+                                await conn.send(b'{"error": "unknown command"}\n')
+                    except OSError as exc:
+                        if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                            raise
+
+
+def query(path: str, command: str, timeout: float = 5.0) -> dict:
+    """Send one command to a running `vpnclient up` and return its JSON answer."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        raise UserError(f"vpnclient is not running (no control socket at {path}); "
+                        f"start it with 'vpnclient up --config FILE'", 1) from None
+    except ConnectionRefusedError:
+        raise UserError(f"vpnclient is not running (stale control socket {path}); "
+                        f"start it with 'vpnclient up --config FILE'", 1) from None
+    except PermissionError:
+        raise UserError("permission denied on the control socket; run as root", 1) from None
+    with s:
+        s.sendall(command.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise UserError("vpnclient answered with something unreadable; is it the same version?", 1) from None

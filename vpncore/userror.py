@@ -1,0 +1,108 @@
+"""Errors a user can cause, and the one way they end a program (DESIGN §6).
+
+A `UserError` carries one sentence: what is wrong and how to fix it. The console
+entry points catch it, print that line to stderr and exit with status 2 (usage
+and configuration) or 1 (runtime), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import sys
+import tomllib
+
+
+class UserError(Exception):
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def run_cli(main, argv=None, prog: str = "") -> int:
+    """Run `main(argv)`; a UserError becomes one line on stderr and its exit status."""
+    try:
+        return main(argv) or 0
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.status
+    except BaseExceptionGroup as group:  # raised from inside a Trio nursery
+        match, _ = group.split(UserError)
+        if match is None:
+            raise
+        exc = _first_leaf(match)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+def _first_leaf(exc):
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def load_toml(path: str, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path!r} does not exist; pass the path of an existing file") from None
+    except PermissionError:
+        raise UserError(f"{what} {path!r} is not readable; check its permissions or run as root") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path!r} is a directory; pass a file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{what} {path!r} is not valid TOML ({exc}); fix the syntax") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+
+
+def parse_key(value, what: str) -> bytes:
+    """A 32-byte key in base64 (as `genkey` prints it)."""
+    if not isinstance(value, str):
+        raise UserError(f"{what} must be a base64 string of a 32-byte key, as printed by 'genkey'")
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError(f"{what} is not valid base64; paste the key exactly as 'genkey' printed it") from None
+    if len(raw) != 32:
+        raise UserError(f"{what} decodes to {len(raw)} bytes, not 32; paste the key exactly as 'genkey' printed it")
+    return raw
+
+
+def encode_key(raw: bytes) -> str:
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def read_private_key(section: dict, what: str, base_dir: str) -> bytes:
+    """`private_key = "..."` inline, or `private_key_file = "path"` (relative to the config file)."""
+    if "private_key" in section:
+        return parse_key(section["private_key"], f"{what}.private_key")
+    if "private_key_file" in section:
+        path = os.path.join(base_dir, str(section["private_key_file"]))
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as exc:
+            raise UserError(f"cannot read the private key file {path!r} ({exc.strerror}); "
+                            f"check the path and its permissions") from None
+        return parse_key(text, f"private key file {path!r}")
+    raise UserError(f"{what} needs private_key (or private_key_file); generate one with 'genkey'")
+
+
+def need(section: dict, key: str, kind: type, where: str):
+    if key not in section:
+        raise UserError(f"{where} is missing '{key}'; add it to the config file")
+    value = section[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise UserError(f"{where}.{key} must be a {kind.__name__}; fix the config file")
+    return value
+
+
+def check_keys(section: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise UserError(f"{where} has unknown option '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}")

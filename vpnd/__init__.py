@@ -1,0 +1,1 @@
+"""vpnd: the server daemon, a thin policy shell over vpncore."""

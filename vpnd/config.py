@@ -1,0 +1,125 @@
+"""vpnd's configuration file (TOML), checked with one clear line per mistake.
+
+    [server]
+    private_key = "..."                 # or private_key_file = "server.key"
+    listen = ["0.0.0.0:51820", "[::]:51820"]
+    interface = "vpnd0"
+    address_pool4 = "198.19.0.0/24"     # the server takes the first host address
+    address_pool6 = "2001:2:0:100::/64"
+    mtu = 1420
+    dns = ["198.19.0.1"]
+    push_routes = []                    # routes pushed besides the pools
+    client_to_client = true
+    log_level = "info"                  # quiet | info | verbose | debug
+
+    [[client]]
+    public_key = "..."
+    preshared_key = "..."               # optional
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from vpncore.log import LEVELS
+from vpncore.net.udp import parse_hostport
+from vpncore.userror import UserError, check_keys, load_toml, need, parse_key, read_private_key
+
+SERVER_KEYS = {"private_key", "private_key_file", "listen", "interface", "address_pool4", "address_pool6",
+               "mtu", "dns", "push_routes", "client_to_client", "log_level"}
+CLIENT_KEYS = {"public_key", "preshared_key", "name"}
+
+
+@dataclass
+class ClientEntry:
+    public_key: bytes
+    psk: bytes | None = None
+
+    def __repr__(self) -> str:
+        return "ClientEntry(...)"
+
+
+@dataclass
+class ServerConfig:
+    private_key: bytes
+    listen: list[tuple[str, int]]
+    interface: str = "vpnd0"
+    pool4: ipaddress.IPv4Network | None = None
+    pool6: ipaddress.IPv6Network | None = None
+    mtu: int = 1420
+    dns: list[str] = field(default_factory=list)
+    push_routes: list[str] = field(default_factory=list)
+    client_to_client: bool = True
+    log_level: int = 1
+    clients: list[ClientEntry] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return "ServerConfig(...)"
+
+
+def _pool(value, version: int, key: str):
+    try:
+        net = ipaddress.ip_network(value, strict=False)
+    except (ValueError, TypeError):
+        raise UserError(f"server.{key} {value!r} is not a network; use a form like "
+                        f"{'198.19.0.0/24' if version == 4 else '2001:2:0:100::/64'}") from None
+    if net.version != version:
+        raise UserError(f"server.{key} must be an IPv{version} network")
+    if net.num_addresses < 4:
+        raise UserError(f"server.{key} is too small; use at least a /30 (IPv4) or /126 (IPv6)")
+    return net
+
+
+def load(path: str) -> ServerConfig:
+    doc = load_toml(path, "config file")
+    check_keys(doc, {"server", "client"}, "the config file")
+    srv = need(doc, "server", dict, "the config file ([server] section)")
+    check_keys(srv, SERVER_KEYS, "[server]")
+    key = read_private_key(srv, "[server]", os.path.dirname(os.path.abspath(path)))
+    listen = srv.get("listen", ["0.0.0.0:51820"])
+    if isinstance(listen, str):
+        listen = [listen]
+    if not isinstance(listen, list) or not listen:
+        raise UserError("server.listen must be a list like [\"0.0.0.0:51820\", \"[::]:51820\"]")
+    cfg = ServerConfig(private_key=key, listen=[parse_hostport(x, "server.listen entry") for x in listen])
+    cfg.interface = str(srv.get("interface", "vpnd0"))
+    if "address_pool4" in srv:
+        cfg.pool4 = _pool(srv["address_pool4"], 4, "address_pool4")
+    if "address_pool6" in srv:
+        cfg.pool6 = _pool(srv["address_pool6"], 6, "address_pool6")
+    if cfg.pool4 is None and cfg.pool6 is None:
+        raise UserError("[server] needs address_pool4 and/or address_pool6, e.g. address_pool4 = \"198.19.0.0/24\"")
+    cfg.mtu = srv.get("mtu", 1420)
+    if not isinstance(cfg.mtu, int) or not 1280 <= cfg.mtu <= 65000:
+        raise UserError("server.mtu must be a number from 1280 to 65000 (1420 suits most networks)")
+    for key_name in ("dns", "push_routes"):
+        items = srv.get(key_name, [])
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise UserError(f"server.{key_name} must be a list of strings")
+        try:
+            for x in items:
+                (ipaddress.ip_address if key_name == "dns" else ipaddress.ip_network)(x)
+        except ValueError:
+            raise UserError(f"server.{key_name} has an invalid entry {x!r}") from None
+        setattr(cfg, key_name, items)
+    cfg.client_to_client = bool(srv.get("client_to_client", True))
+    level = srv.get("log_level", "info")
+    if level not in LEVELS:
+        raise UserError(f"server.log_level must be one of {', '.join(LEVELS)}")
+    cfg.log_level = LEVELS[level]
+    clients = doc.get("client", [])
+    if not isinstance(clients, list):
+        raise UserError("clients are listed as [[client]] sections with a public_key each")
+    seen = set()
+    for i, entry in enumerate(clients, 1):
+        where = f"[[client]] number {i}"
+        check_keys(entry, CLIENT_KEYS, where)
+        pub = parse_key(need(entry, "public_key", str, where), f"{where} public_key")
+        if pub in seen:
+            raise UserError(f"{where} repeats a public key listed earlier; list each client once")
+        seen.add(pub)
+        psk = parse_key(entry["preshared_key"], f"{where} preshared_key") if "preshared_key" in entry else None
+        cfg.clients.append(ClientEntry(pub, psk))
+    return cfg
