@@ -13,7 +13,9 @@ import trio
 
 from vpncore.log import Log
 from vpncore.net import tun as tunlib
+from vpncore.net.pump import Udp
 from vpncore.net.udp import open_connected
+from vpncore.proto.constants import VNET_HDR_LEN
 from vpncore.proto.client import ClientConnection
 from vpncore.proto.events import ControlReceived, HandshakeCompleted, ServerClosed
 from vpncore.userror import UserError
@@ -23,7 +25,7 @@ from .system import Applied
 
 BATCH = 256
 TICK = 0.2
-RECV_SIZE = 65535
+TUN_READ_SIZE = 65536 + VNET_HDR_LEN
 INITIAL_MTU = 1420
 
 
@@ -34,9 +36,10 @@ class Client:
         self.out = out
         self.conn = ClientConnection(private_key=cfg.private_key, server_public=cfg.server_public, rng=rng,
                                      psk=cfg.psk, wall_offset=time.time() - time.monotonic(),
-                                     persistent_keepalive=cfg.persistent_keepalive)
+                                     persistent_keepalive=cfg.persistent_keepalive, vnet_hdr=True)
         self.tun = None
         self.sock = None
+        self.udp = None
         self.endpoint = None
         self.applied = None
         self.connected_once = False
@@ -47,8 +50,9 @@ class Client:
 
     def open(self) -> None:
         self.sock, self.endpoint = open_connected(self.cfg.server_host, self.cfg.server_port)
+        self.udp = Udp(self.sock)
         try:
-            self.tun = tunlib.open_tun(self.cfg.interface)
+            self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
             tunlib.set_mtu(self.tun.name, INITIAL_MTU)
             tunlib.link_up(self.tun.name)
         except tunlib.TunError as exc:
@@ -97,20 +101,14 @@ class Client:
                 return
 
     async def _udp_loop(self) -> None:
-        recv = self.sock.recv
+        recv_batch = self.udp.recv_batch
         conn = self.conn
         fd = self.tun.fd
         write = os.write
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             now = time.monotonic()
-            for _ in range(BATCH):
-                try:
-                    dg = recv(RECV_SIZE)
-                except BlockingIOError:
-                    break
-                except OSError:   # e.g. ICMP port unreachable while the server restarts
-                    continue
+            for dg, _ in recv_batch(BATCH):
                 packet = conn.receive_datagram(dg, now)
                 if packet is not None:
                     try:
@@ -123,24 +121,22 @@ class Client:
     async def _tun_loop(self) -> None:
         fd = self.tun.fd
         read = os.read
-        encrypt = self.conn.encrypt
-        send = self.sock.send
+        encrypt_frames = self.conn.encrypt_frames
+        send = self.udp.send
         while True:
             await trio.lowlevel.wait_readable(fd)
             now = time.monotonic()
+            chunk = (self.applied.mtu or INITIAL_MTU) + 16
             for _ in range(BATCH):
                 try:
-                    packet = read(fd, RECV_SIZE)
+                    packet = read(fd, TUN_READ_SIZE)
                 except BlockingIOError:
                     break
                 except OSError:
                     break
-                dg = encrypt(packet, now)
-                if dg is not None:
-                    try:
-                        send(dg)
-                    except OSError:
-                        pass
+                frames = encrypt_frames(packet, now, chunk)
+                if frames:
+                    send(frames)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -151,10 +147,7 @@ class Client:
 
     def _flush(self) -> None:
         for dg in self.conn.datagrams_to_send():
-            try:
-                self.sock.send(dg)
-            except OSError:
-                pass
+            self.udp.send([dg])
 
     def _handle_events(self) -> None:
         while (ev := self.conn.next_event()) is not None:

@@ -17,9 +17,9 @@ import trio
 
 from vpncore.log import Log
 from vpncore.net import tun as tunlib
+from vpncore.net.pump import Udp
 from vpncore.net.udp import open_listener
-from vpncore.proto import control
-from vpncore.proto.constants import CONTROL_VERSION, MSG_INITIATION
+from vpncore.proto.constants import CONTROL_VERSION, FEATURE_SUPERPACKET, MSG_INITIATION, VNET_HDR_LEN
 from vpncore.proto.events import ControlReceived, SessionEnded, SessionStarted
 from vpncore.proto.server import ServerProtocol
 
@@ -29,7 +29,9 @@ from .pool import AddressPool
 BATCH = 256
 TICK = 0.25
 UNDER_LOAD_INITIATIONS_PER_TICK = 64
-RECV_SIZE = 65535
+TUN_READ_SIZE = 65536 + VNET_HDR_LEN
+# offsets of the inner addresses behind the virtio_net_hdr
+V4_SRC, V4_DST, V6_SRC, V6_DST = VNET_HDR_LEN + 12, VNET_HDR_LEN + 16, VNET_HDR_LEN + 8, VNET_HDR_LEN + 24
 
 
 class PeerInfo:
@@ -52,7 +54,8 @@ class Server:
     def __init__(self, cfg: ServerConfig, log: Log, rng=os.urandom):
         self.cfg = cfg
         self.log = log
-        self.proto = ServerProtocol(private_key=cfg.private_key, rng=rng)
+        self.proto = ServerProtocol(private_key=cfg.private_key, rng=rng, vnet_hdr=True)
+        self.chunk = cfg.mtu + 16   # fragment payload: a fragment is as big as a full-MTU data datagram
         for c in cfg.clients:
             self.proto.authorize(c.public_key, c.psk)
         self.pools = [AddressPool(n) for n in (cfg.pool4, cfg.pool6) if n is not None]
@@ -61,7 +64,7 @@ class Server:
         self.sessions_started = 0
         self.tun = None
         self.socks: list[socket.socket] = []
-        self._sock_by_family: dict[int, socket.socket] = {}
+        self._udp_by_family: dict[int, Udp] = {}
         self._initiations = 0
         self._stop = trio.Event()
 
@@ -74,8 +77,9 @@ class Server:
         for host, port in self.cfg.listen:
             s = open_listener(host, port)
             self.socks.append(s)
-            self._sock_by_family.setdefault(s.family, s)
-        self.tun = tunlib.open_tun(self.cfg.interface)
+            if s.family not in self._udp_by_family:
+                self._udp_by_family[s.family] = Udp(s)
+        self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
         name = self.tun.name
         tunlib.set_mtu(name, self.cfg.mtu)
         tunlib.link_up(name)
@@ -96,7 +100,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 for s in self.socks:
-                    nursery.start_soon(self._udp_loop, s)
+                    nursery.start_soon(self._udp_loop, self._udp_by_family.get(s.family) or Udp(s))
                 nursery.start_soon(self._tun_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._signal_loop)
@@ -120,22 +124,15 @@ class Server:
                 self._stop.set()
                 return
 
-    async def _udp_loop(self, sock: socket.socket) -> None:
-        recv = sock.recvfrom
+    async def _udp_loop(self, udp: Udp) -> None:
         proto = self.proto
         receive = proto.receive_datagram
         deliver = self._deliver
+        recv_batch = udp.recv_batch
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(udp.sock)
             now = time.monotonic()
-            for _ in range(BATCH):
-                try:
-                    dg, src = recv(RECV_SIZE)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.counters["udp-recv-error"] += 1
-                    continue
+            for dg, src in recv_batch(BATCH):
                 if dg and dg[0] == MSG_INITIATION:
                     self._initiations += 1
                 res = receive(dg, src[:2], now)
@@ -146,13 +143,15 @@ class Server:
             self._flush()
 
     def _deliver(self, peer, packet: bytes, now: float) -> None:
-        """Cryptokey routing: the inner source must be the sender's address; then to a peer or the TUN."""
+        """Cryptokey routing: the inner source must be the sender's address; then to a peer or the TUN.
+
+        `packet` is virtio_net_hdr + IP packet, as our TUN takes it."""
         info = peer.app
-        v = packet[0] >> 4
+        v = packet[VNET_HDR_LEN] >> 4
         if v == 4:
-            src, dst = packet[12:16], packet[16:20]
+            src, dst = packet[V4_SRC:V4_SRC + 4], packet[V4_DST:V4_DST + 4]
         elif v == 6:
-            src, dst = packet[8:24], packet[24:40]
+            src, dst = packet[V6_SRC:V6_SRC + 16], packet[V6_DST:V6_DST + 16]
         else:
             self.counters["inner-version"] += 1
             return
@@ -172,15 +171,10 @@ class Server:
             self.counters["tun-write-error"] += 1
 
     def _send_to(self, peer, packet: bytes, now: float) -> None:
-        dg = self.proto.encrypt(peer, packet, now)
         ep = peer.endpoint
-        if dg is None or ep is None:
-            return
-        sock = self._sock_by_family.get(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET)
-        try:
-            sock.sendto(dg, ep)
-        except (BlockingIOError, OSError):
-            self.counters["udp-send-error"] += 1
+        frames = self.proto.encrypt_frames(peer, packet, now, self.chunk)
+        if frames and ep is not None:
+            self._udp_by_family[socket.AF_INET6 if ":" in ep[0] else socket.AF_INET].send(frames, ep)
 
     async def _tun_loop(self) -> None:
         fd = self.tun.fd
@@ -192,14 +186,18 @@ class Server:
             now = time.monotonic()
             for _ in range(BATCH):
                 try:
-                    packet = read(fd, RECV_SIZE)
+                    packet = read(fd, TUN_READ_SIZE)
                 except BlockingIOError:
                     break
                 except OSError:
                     self.counters["tun-read-error"] += 1
                     break
-                v = packet[0] >> 4 if packet else 0
-                peer = routes.get(packet[16:20] if v == 4 else packet[24:40])
+                if len(packet) <= VNET_HDR_LEN:
+                    continue
+                if packet[VNET_HDR_LEN] >> 4 == 4:
+                    peer = routes.get(packet[V4_DST:V4_DST + 4])
+                else:
+                    peer = routes.get(packet[V6_DST:V6_DST + 16])
                 if peer is None:
                     self.counters["no-route"] += 1
                     continue
@@ -221,13 +219,9 @@ class Server:
     # --- events and policy --------------------------------------------------------
     def _flush(self) -> None:
         for ep, dg in self.proto.datagrams_to_send():
-            sock = self._sock_by_family.get(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET)
-            if sock is None:
-                continue
-            try:
-                sock.sendto(dg, ep)
-            except OSError:
-                self.counters["udp-send-error"] += 1
+            udp = self._udp_by_family.get(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET)
+            if udp is not None:
+                udp.send([dg], ep)
 
     def _handle_events(self, now: float) -> None:
         while (ev := self.proto.next_event()) is not None:
@@ -275,7 +269,7 @@ class Server:
     def _config_for(self, peer) -> dict:
         msg = {"type": "config", "version": CONTROL_VERSION, "mtu": self.cfg.mtu,
                "routes": [str(p.network) for p in self.pools] + list(self.cfg.push_routes),
-               "dns": list(self.cfg.dns), "features": []}
+               "dns": list(self.cfg.dns), "features": [FEATURE_SUPERPACKET]}
         for addr, pool in zip(peer.app.addresses, self.pools):
             msg["ipv4" if addr.version == 4 else "ipv6"] = pool.interface(addr)
         return msg

@@ -15,15 +15,17 @@ from typing import Callable
 
 from . import control
 from .constants import (
-    DEAD_PEER_TIMEOUT, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, MSG_COOKIE_REPLY, MSG_RESPONSE,
-    MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_TIMEOUT,
+    VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
+    MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_TIMEOUT,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
 from .events import ControlReceived, HandshakeCompleted, ServerClosed
 from .handshake import consume_response, create_initiation
 from .noise import public_key
+from .gso import ZERO_VNET_HDR, segment
 from .session import ip_packet_length, pad
+from .superpacket import parse_fragment, receive_fragment, seal_fragments
 from .wire import unpack_transport_header_untrusted
 
 IDLE, HANDSHAKING, ESTABLISHED, CLOSED = "idle", "handshaking", "established", "closed"
@@ -44,7 +46,8 @@ TRANSITIONS = {
 
 class ClientConnection:
     def __init__(self, *, private_key: bytes, server_public: bytes, rng: Callable[[int], bytes],
-                 psk: bytes | None = None, wall_offset: float = 0.0, features=(), persistent_keepalive: float = 0):
+                 psk: bytes | None = None, wall_offset: float = 0.0, features=(), persistent_keepalive: float = 0,
+                 vnet_hdr: bool = False):
         self._private = bytearray(private_key)
         self.public = public_key(self._private)
         self.server_public = bytes(server_public)
@@ -52,6 +55,11 @@ class ClientConnection:
         self._rng = rng
         self._wall_offset = wall_offset
         self.features = list(features)
+        # vnet_hdr: our TUN carries virtio_net_hdr; we take super-packets and return framed packets
+        self.vnet_hdr = vnet_hdr
+        if vnet_hdr and FEATURE_SUPERPACKET not in self.features:
+            self.features.append(FEATURE_SUPERPACKET)
+        self.peer_super = False         # the server advertised super-packets in its config
         self.persistent_keepalive = persistent_keepalive
         self._macs = CookieGenerator(self.server_public)
         self._checker = CookieChecker(self.public, rng)
@@ -142,6 +150,8 @@ class ClientConnection:
 
     def _receive_transport(self, dg: bytes, now: float) -> bytes | None:
         kind, index, counter = unpack_transport_header_untrusted(dg)
+        if kind == KIND_SUPER:
+            return self._receive_super(dg, now)
         plain = self._keypair_for(index).open(dg, counter)
         self.last_rx = now
         self._unanswered_since = None
@@ -153,11 +163,26 @@ class ClientConnection:
             if n <= 0:
                 raise BadPacket("inner-length")
             self.last_data_rx = now
-            return plain[:n]
+            return ZERO_VNET_HDR + plain[:n] if self.vnet_hdr else plain[:n]
         if kind == KIND_CONTROL:
             self._receive_control(control.decode_untrusted(plain), now)
             return None
         raise BadPacket("kind")
+
+    def _receive_super(self, dg: bytes, now: float) -> bytes | None:
+        if not self.vnet_hdr:
+            raise BadPacket("superpacket-unsupported")
+        no, n, index, counter = parse_fragment(dg)
+        plain = receive_fragment(self._keypair_for(index), dg, no, n, counter)
+        if plain is None:
+            return None
+        self.rx_bytes += len(plain)
+        self.last_rx = self.last_data_rx = now
+        self._unanswered_since = None
+        size = ip_packet_length(plain, VNET_HDR_LEN)
+        if size <= 0:
+            raise BadPacket("inner-length")
+        return plain[:VNET_HDR_LEN + size]
 
     def _receive_control(self, msg: dict, now: float) -> None:
         if msg["type"] == "close":
@@ -166,6 +191,8 @@ class ClientConnection:
             self._last_initiation = now  # first retry after REKEY_TIMEOUT
             self._events.append(ServerClosed(msg["reason"]))
         else:
+            if msg["type"] == "config":
+                self.peer_super = FEATURE_SUPERPACKET in msg.get("features", ())
             self._events.append(ControlReceived(msg))
 
     def encrypt(self, packet: bytes, now: float) -> bytes | None:
@@ -180,6 +207,26 @@ class ClientConnection:
             self._unanswered_since = now
         self.tx_bytes += len(dg)
         return dg
+
+    def encrypt_frames(self, data: bytes, now: float, chunk: int) -> list[bytes]:
+        """Hot path with vnet_hdr: one TUN read (virtio_net_hdr + packet) to its datagrams.
+
+        To a server that takes super-packets: one AEAD, fragments of `chunk` bytes (§5.5).
+        Otherwise: segmented and checksummed in software, one kind-0 datagram per packet (§5.6).
+        """
+        kp = self.current
+        if kp is None:
+            self.drops["no-session"] += 1
+            return []
+        if self.peer_super:
+            frames = seal_fragments(kp, pad(data), chunk)
+        else:
+            frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
+        self.last_tx = now
+        if self._unanswered_since is None:
+            self._unanswered_since = now
+        self.tx_bytes += sum(map(len, frames))
+        return frames
 
     def send_packet(self, packet: bytes, now: float) -> None:
         dg = self.encrypt(packet, now)

@@ -18,6 +18,14 @@ MSG_TRANSPORT = 4
 # §5 Transport payload kinds (second byte of a transport message).
 KIND_DATA = 0      # one IP packet plus zero padding, or nothing (keepalive)
 KIND_CONTROL = 1   # one control message (§6)
+KIND_SUPER = 2     # one fragment of a super-packet (§5.5)
+
+# §5.5 Super-packets: one AEAD message over virtio_net_hdr + IP super-packet, sent as fragments.
+VNET_HDR_LEN = 10
+SUPER_MAX_FRAGMENTS = 64
+SUPER_MAX_PLAINTEXT = 65536 + VNET_HDR_LEN + 16
+SUPER_MAX_PARTIAL = 8       # incomplete super-packets held per keypair; the oldest is evicted
+FEATURE_SUPERPACKET = "superpacket"
 
 # Sizes in bytes.
 KEY_LEN = 32

@@ -18,15 +18,17 @@ from typing import Callable
 
 from . import control
 from .constants import (
-    KEEPALIVE_TIMEOUT, KEY_LEN, KIND_CONTROL, KIND_DATA, MSG_INITIATION, MSG_TRANSPORT,
-    REJECT_AFTER_TIME,
+    FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
+    MSG_TRANSPORT, REJECT_AFTER_TIME, VNET_HDR_LEN,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
 from .events import ControlReceived, SessionEnded, SessionStarted
 from .handshake import ZERO_PSK, consume_initiation, create_response
 from .noise import public_key
+from .gso import ZERO_VNET_HDR, segment
 from .session import ip_packet_length, pad
+from .superpacket import parse_fragment, receive_fragment, seal_fragments
 from .wire import unpack_transport_header_untrusted
 
 # Peer session states and their one table of transitions (SPEC §8.2).
@@ -43,7 +45,8 @@ class Peer:
     """One client's live session on the server. Memory-only: never pickled, printed as an index."""
 
     __slots__ = ("public_key", "endpoint", "current", "previous", "next", "last_timestamp", "state",
-                 "last_rx", "last_data_rx", "last_tx", "rx_bytes", "tx_bytes", "app", "handle", "__weakref__")
+                 "last_rx", "last_data_rx", "last_tx", "rx_bytes", "tx_bytes", "app", "handle", "super",
+                 "__weakref__")
 
     def __init__(self, public_key: bytes, handle: int):
         self.public_key = public_key
@@ -55,6 +58,7 @@ class Peer:
         self.last_rx = self.last_data_rx = self.last_tx = None
         self.rx_bytes = self.tx_bytes = 0
         self.app = None   # the policy layer's data (assigned addresses, account)
+        self.super = False  # the client advertised super-packets in its hello
 
     def __repr__(self) -> str:
         return f"<Peer #{self.handle:08x}>"
@@ -67,7 +71,7 @@ class Peer:
 
 
 class ServerProtocol:
-    def __init__(self, *, private_key: bytes, rng: Callable[[int], bytes]):
+    def __init__(self, *, private_key: bytes, rng: Callable[[int], bytes], vnet_hdr: bool = False):
         self._private = bytearray(private_key)
         self.public = public_key(self._private)
         self._rng = rng
@@ -77,6 +81,7 @@ class ServerProtocol:
         self.peers: dict[bytes, Peer] = {}             # public key -> live session
         self.by_index: dict = {}                       # local index -> Keypair
         self.under_load = False
+        self.vnet_hdr = vnet_hdr   # our TUN carries virtio_net_hdr: take super-packets, return framed packets
         self._out: deque = deque()
         self._events: deque = deque()
         self.drops: Counter[str] = Counter()
@@ -169,16 +174,13 @@ class ServerProtocol:
 
     def _receive_transport(self, dg: bytes, src: tuple, now: float):
         kind, index, counter = unpack_transport_header_untrusted(dg)
+        if kind == KIND_SUPER:
+            return self._receive_super(dg, src, now)
         kp = self.by_index.get(index)
         if kp is None:
             raise BadPacket("index")
         plain = kp.open(dg, counter)
-        peer = kp.peer
-        if kp is peer.next:
-            self._confirm(peer, kp)
-        if peer.endpoint != src:
-            peer.endpoint = src          # roaming: only ever on an authenticated packet
-        peer.last_rx = now
+        peer = self._authenticated(kp, src, now)
         peer.rx_bytes += len(dg)
         if kind == KIND_DATA:
             if not plain:
@@ -187,15 +189,45 @@ class ServerProtocol:
             if n <= 0:
                 raise BadPacket("inner-length")
             peer.last_data_rx = now
-            return peer, plain[:n]
+            return peer, (ZERO_VNET_HDR + plain[:n] if self.vnet_hdr else plain[:n])
         if kind == KIND_CONTROL:
             msg = control.decode_untrusted(plain)
             if msg["type"] == "close":
                 self.end_peer(peer, "closed by client", now, notify=False)
             else:
+                if msg["type"] == "hello":
+                    peer.super = self.vnet_hdr and FEATURE_SUPERPACKET in msg.get("features", ())
                 self._events.append(ControlReceived(msg, peer))
             return None
         raise BadPacket("kind")
+
+    def _authenticated(self, kp, src: tuple, now: float) -> Peer:
+        """Book-keeping after a tag verified: confirmation, roaming, liveness."""
+        peer = kp.peer
+        if kp is peer.next:
+            self._confirm(peer, kp)
+        if peer.endpoint != src:
+            peer.endpoint = src          # roaming: only ever on an authenticated packet
+        peer.last_rx = now
+        return peer
+
+    def _receive_super(self, dg: bytes, src: tuple, now: float):
+        if not self.vnet_hdr:
+            raise BadPacket("superpacket-unsupported")
+        no, n, index, counter = parse_fragment(dg)
+        kp = self.by_index.get(index)
+        if kp is None:
+            raise BadPacket("index")
+        plain = receive_fragment(kp, dg, no, n, counter)
+        if plain is None:
+            return None
+        peer = self._authenticated(kp, src, now)
+        peer.rx_bytes += len(plain)
+        peer.last_data_rx = now
+        size = ip_packet_length(plain, VNET_HDR_LEN)
+        if size <= 0:
+            raise BadPacket("inner-length")
+        return peer, plain[:VNET_HDR_LEN + size]
 
     def _confirm(self, peer: Peer, kp) -> None:
         if peer.previous is not None:
@@ -216,6 +248,20 @@ class ServerProtocol:
         peer.last_tx = now
         peer.tx_bytes += len(dg)
         return dg
+
+    def encrypt_frames(self, peer: Peer, data: bytes, now: float, chunk: int) -> list[bytes]:
+        """Hot path with vnet_hdr: virtio_net_hdr + packet to datagrams (super-packet or segmented)."""
+        kp = peer.current
+        if kp is None:
+            self.drops["no-session"] += 1
+            return []
+        if peer.super:
+            frames = seal_fragments(kp, pad(data), chunk)
+        else:
+            frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
+        peer.last_tx = now
+        peer.tx_bytes += len(data)
+        return frames
 
     def send_control(self, peer: Peer, msg: dict, now: float) -> None:
         kp = peer.current

@@ -30,7 +30,7 @@ class Keypair:
     """One direction pair of transport keys from one handshake (memory only)."""
 
     __slots__ = ("_seal", "_open", "_keys", "local_index", "remote_index", "send_counter",
-                 "replay", "created", "initiator", "peer", "__weakref__")
+                 "replay", "created", "initiator", "peer", "partial", "__weakref__")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
                  created: float, initiator: bool):
@@ -44,6 +44,7 @@ class Keypair:
         self.created = created
         self.initiator = initiator
         self.peer = None
+        self.partial = None   # super-packet reassembly: {counter: [fragments, missing]}
 
     def __repr__(self) -> str:
         return f"<Keypair #{self.local_index:08x}>"
@@ -74,11 +75,24 @@ class Keypair:
             raise BadPacket("replay")
         return plain
 
+    def open_with_header(self, header: bytes, counter: int, ciphertext: bytes) -> bytes:
+        """Like open() for a message whose header (the AD) and ciphertext arrive apart (§5.5)."""
+        if not self.replay.check(counter):
+            raise BadPacket("replay")
+        try:
+            plain = self._open(NONCE.pack(0, counter), ciphertext, header)
+        except InvalidTag:
+            raise BadPacket("tag") from None
+        if not self.replay.update(counter):
+            raise BadPacket("replay")
+        return plain
+
     def wipe(self) -> None:
         """Overwrite the key bytes we hold and drop the cipher objects (best effort in Python)."""
         for k in self._keys:
             k[:] = bytes(len(k))
         self._seal = self._open = _dead
+        self.partial = None
 
 
 def _dead(*_args):
@@ -91,15 +105,18 @@ def pad(packet: bytes) -> bytes:
     return packet + _ZEROS[:n] if n else packet
 
 
-def ip_packet_length(plain: bytes) -> int:
-    """Length of the IP packet at the start of padded data plaintext, or -1 if malformed."""
-    if not plain:
-        return 0
-    version = plain[0] >> 4
-    if version == 4 and len(plain) >= 20:
-        n = (plain[2] << 8) | plain[3]
-    elif version == 6 and len(plain) >= 40:
-        n = ((plain[4] << 8) | plain[5]) + 40
+def ip_packet_length(plain: bytes, at: int = 0) -> int:
+    """Length of the IP packet starting at `at` in padded plaintext, or -1 if malformed."""
+    size = len(plain) - at
+    if size <= 0:
+        return 0 if size == 0 else -1
+    version = plain[at] >> 4
+    if version == 4 and size >= 20:
+        n = (plain[at + 2] << 8) | plain[at + 3]
+        if n < 20:
+            return -1
+    elif version == 6 and size >= 40:
+        n = ((plain[at + 4] << 8) | plain[at + 5]) + 40
     else:
         return -1
-    return n if n <= len(plain) else -1
+    return n if n <= size else -1

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from .constants import (
     COOKIE_REPLY_LEN, INITIATION_LEN, MAC_LEN, MSG_COOKIE_REPLY, MSG_INITIATION, MSG_RESPONSE,
-    MSG_TRANSPORT, RESPONSE_LEN, TRANSPORT_MIN_LEN,
+    MSG_TRANSPORT, RESPONSE_LEN, TRANSPORT_MIN_LEN, KIND_SUPER,
 )
 from .errors import BadPacket
 
@@ -94,6 +94,7 @@ def unpack_transport_header_untrusted(datagram: bytes) -> tuple[int, int, int]:
     if len(datagram) < TRANSPORT_MIN_LEN:
         raise BadPacket("length")
     t, kind, reserved, receiver, counter = TRANSPORT_HEADER.unpack_from(datagram)
-    if t != MSG_TRANSPORT or reserved:
+    # kind 2 (super-packet fragment, §5.5) uses the reserved bytes for frag_no and frag_count
+    if t != MSG_TRANSPORT or (reserved and kind != KIND_SUPER):
         raise BadPacket("header")
     return kind, receiver, counter

@@ -1,0 +1,88 @@
+"""Super-packets: one AEAD message per offloaded TUN read, carried as fragments (SPEC §5.5).
+
+Plaintext = virtio_net_hdr (10 bytes, as the TUN gave it) || IP super-packet (up
+to 64 KiB) || zero padding to a multiple of 16. It is sealed once under the
+keypair's next counter with AD = the header of fragment 0, and the ciphertext
+(plaintext + 16-byte tag) is cut into chunks of `chunk` bytes. Fragment i is
+
+    type=4 | kind=2 | frag_no=i | frag_count=n | receiver u32 | counter u64 | chunk i
+
+All fragments but the last are the same size, so they go out as one UDP GSO
+train. The receiver opens the message once all n fragments are in; until then
+they wait in a bounded per-keypair table (SUPER_MAX_PARTIAL entries, the oldest
+evicted), so fragments that never complete cannot grow memory or touch other
+sessions. The window check runs before a counter gets a slot and the window
+moves only after the tag verified.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .constants import (
+    KIND_SUPER, MSG_TRANSPORT, REJECT_AFTER_MESSAGES, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL,
+    TRANSPORT_HEADER_LEN,
+)
+from .errors import BadPacket
+from .session import NONCE
+
+FRAG_HEADER = struct.Struct("<BBBBIQ")
+_unpack_header = FRAG_HEADER.unpack_from
+_pack_header = FRAG_HEADER.pack
+
+
+def seal_fragments(kp, plaintext: bytes, chunk: int) -> list[bytes]:
+    """The fragments (header + chunk each) of one super-packet; all but the last are 16+chunk bytes."""
+    c = kp.send_counter
+    if c >= REJECT_AFTER_MESSAGES:
+        raise BadPacket("counter-exhausted")
+    kp.send_counter = c + 1
+    n = -(-(len(plaintext) + 16) // chunk)
+    if n > SUPER_MAX_FRAGMENTS:
+        raise ValueError("super-packet too large for the fragment size")
+    rid = kp.remote_index
+    ct = kp._seal(NONCE.pack(0, c), plaintext, _pack_header(MSG_TRANSPORT, KIND_SUPER, 0, n, rid, c))
+    if n == 1:
+        return [_pack_header(MSG_TRANSPORT, KIND_SUPER, 0, 1, rid, c) + ct]
+    return [_pack_header(MSG_TRANSPORT, KIND_SUPER, i, n, rid, c) + ct[i * chunk:(i + 1) * chunk]
+            for i in range(n)]
+
+
+def parse_fragment(datagram: bytes) -> tuple[int, int, int, int]:
+    """(frag_no, frag_count, receiver, counter) of a kind-2 transport datagram; BadPacket if malformed."""
+    if len(datagram) <= TRANSPORT_HEADER_LEN:
+        raise BadPacket("length")
+    t, kind, no, n, receiver, counter = _unpack_header(datagram)
+    if t != MSG_TRANSPORT or kind != KIND_SUPER or not 0 < n <= SUPER_MAX_FRAGMENTS or no >= n:
+        raise BadPacket("fragment-header")
+    return no, n, receiver, counter
+
+
+def receive_fragment(kp, datagram: bytes, no: int, n: int, counter: int):
+    """Plaintext once the super-packet is complete and verified, else None. BadPacket on tag/replay."""
+    if n == 1:
+        return kp.open_with_header(datagram[:TRANSPORT_HEADER_LEN], counter, datagram[TRANSPORT_HEADER_LEN:])
+    if not kp.replay.check(counter):
+        raise BadPacket("replay")
+    partial = kp.partial
+    if partial is None:
+        partial = kp.partial = {}
+    entry = partial.get(counter)
+    if entry is None:
+        if len(partial) >= SUPER_MAX_PARTIAL:
+            del partial[min(partial)]      # evict the oldest incomplete super-packet
+        entry = partial[counter] = [[None] * n, n]
+    parts, missing = entry
+    if len(parts) != n:
+        raise BadPacket("fragment-count")
+    if parts[no] is not None:
+        raise BadPacket("fragment-duplicate")
+    parts[no] = datagram[TRANSPORT_HEADER_LEN:]
+    missing -= 1
+    if missing:
+        entry[1] = missing
+        return None
+    del partial[counter]
+    # the AD is fragment 0's header as the sender built it: its receiver index is our local index
+    header = _pack_header(MSG_TRANSPORT, KIND_SUPER, 0, n, kp.local_index, counter)
+    return kp.open_with_header(header, counter, b"".join(parts))
