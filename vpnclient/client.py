@@ -69,7 +69,8 @@ class Client:
             self.tun = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.open()
+        if self.tun is None:   # bench/micro hands in a fake TUN and a loopback socket
+            self.open()
         try:
             listener = self._open_control_socket()
             async with trio.open_nursery() as nursery:
@@ -253,14 +254,24 @@ def query(path: str, command: str, timeout: float = 5.0) -> dict:
                         f"start it with 'vpnclient up --config FILE'", 1) from None
     except PermissionError:
         raise UserError("permission denied on the control socket; run as root", 1) from None
+    except OSError as exc:
+        s.close()
+        raise UserError(f"cannot connect to the control socket {path} ({exc.strerror or exc}); "
+                        f"check the path", 1) from None
     with s:
-        s.sendall(command.encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            s.sendall(command.encode() + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise UserError(f"vpnclient did not answer '{command}' within {timeout:g} s; "
+                            f"it may be hung: end it with SIGTERM", 1) from None
+        except OSError as exc:
+            raise UserError(f"lost the connection to vpnclient ({exc.strerror or exc})", 1) from None
     try:
         return json.loads(data)
     except ValueError:

@@ -19,7 +19,11 @@ def genkey() -> str:
 
 
 def pubkey_from_stdin() -> str:
-    text = sys.stdin.read()
+    stream = getattr(sys.stdin, "buffer", None)
+    try:
+        text = stream.read().decode("ascii") if stream is not None else sys.stdin.read()
+    except UnicodeDecodeError:
+        raise UserError("standard input holds binary data; pipe in the base64 key that 'genkey' prints") from None
     if not text.strip():
         raise UserError("pubkey reads a private key on standard input, e.g. 'vpnd genkey | vpnd pubkey'")
     return encode_key(crypto_scalarmult_base(parse_key(text, "the private key on standard input")))

@@ -54,6 +54,8 @@ def load_toml(path: str, what: str) -> dict:
         raise UserError(f"{what} {path!r} is not readable; check its permissions or run as root") from None
     except IsADirectoryError:
         raise UserError(f"{what} {path!r} is a directory; pass a file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path!r} is not UTF-8 text; pass the TOML config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{what} {path!r} is not valid TOML ({exc}); fix the syntax") from None
     except OSError as exc:
@@ -84,13 +86,19 @@ def read_private_key(section: dict, what: str, base_dir: str) -> bytes:
     if "private_key_file" in section:
         path = os.path.join(base_dir, str(section["private_key_file"]))
         try:
-            with open(path) as f:
-                text = f.read()
+            with open(path, "rb") as f:
+                text = f.read().decode("ascii")
         except OSError as exc:
             raise UserError(f"cannot read the private key file {path!r} ({exc.strerror}); "
                             f"check the path and its permissions") from None
+        except UnicodeDecodeError:
+            raise UserError(f"the private key file {path!r} contains binary data; "
+                            f"store the base64 key that 'genkey' prints") from None
         return parse_key(text, f"private key file {path!r}")
     raise UserError(f"{what} needs private_key (or private_key_file); generate one with 'genkey'")
+
+
+_TOML_TYPES = {dict: "a table", str: "a string", int: "an integer", list: "a list", bool: "true or false"}
 
 
 def need(section: dict, key: str, kind: type, where: str):
@@ -98,7 +106,7 @@ def need(section: dict, key: str, kind: type, where: str):
         raise UserError(f"{where} is missing '{key}'; add it to the config file")
     value = section[key]
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise UserError(f"{where}.{key} must be a {kind.__name__}; fix the config file")
+        raise UserError(f"'{key}' in {where} must be {_TOML_TYPES.get(kind, kind.__name__)}; fix the config file")
     return value
 
 

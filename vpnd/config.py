@@ -106,7 +106,7 @@ def load(path: str) -> ServerConfig:
         setattr(cfg, key_name, items)
     cfg.client_to_client = bool(srv.get("client_to_client", True))
     level = srv.get("log_level", "info")
-    if level not in LEVELS:
+    if not isinstance(level, str) or level not in LEVELS:
         raise UserError(f"server.log_level must be one of {', '.join(LEVELS)}")
     cfg.log_level = LEVELS[level]
     clients = doc.get("client", [])
@@ -115,6 +115,8 @@ def load(path: str) -> ServerConfig:
     seen = set()
     for i, entry in enumerate(clients, 1):
         where = f"[[client]] number {i}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where} is not a table; write each client as a [[client]] section with public_key")
         check_keys(entry, CLIENT_KEYS, where)
         pub = parse_key(need(entry, "public_key", str, where), f"{where} public_key")
         if pub in seen:

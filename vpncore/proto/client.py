@@ -69,8 +69,9 @@ class ClientConnection:
         self._out: deque[bytes] = deque()
         self._events: deque = deque()
         self.last_handshake = None      # monotonic time of the last completed handshake
-        self.last_rx = self.last_tx = self.last_data_rx = None
+        self.last_rx = self.last_tx = None
         self._unanswered_since = None   # first data sent after the last authenticated receive
+        self._data_rx_since = None      # first data received since our last send (passive keepalive)
         self.rx_bytes = self.tx_bytes = 0
         self.drops: Counter[str] = Counter()
 
@@ -162,7 +163,8 @@ class ClientConnection:
             n = ip_packet_length(plain)
             if n <= 0:
                 raise BadPacket("inner-length")
-            self.last_data_rx = now
+            if self._data_rx_since is None:
+                self._data_rx_since = now
             return ZERO_VNET_HDR + plain[:n] if self.vnet_hdr else plain[:n]
         if kind == KIND_CONTROL:
             self._receive_control(control.decode_untrusted(plain), now)
@@ -177,8 +179,10 @@ class ClientConnection:
         if plain is None:
             return None
         self.rx_bytes += len(plain)
-        self.last_rx = self.last_data_rx = now
+        self.last_rx = now
         self._unanswered_since = None
+        if self._data_rx_since is None:
+            self._data_rx_since = now
         size = ip_packet_length(plain, VNET_HDR_LEN)
         if size <= 0:
             raise BadPacket("inner-length")
@@ -203,6 +207,7 @@ class ClientConnection:
             return None
         dg = kp.seal(KIND_DATA, pad(packet))
         self.last_tx = now
+        self._data_rx_since = None
         if self._unanswered_since is None:
             self._unanswered_since = now
         self.tx_bytes += len(dg)
@@ -211,18 +216,20 @@ class ClientConnection:
     def encrypt_frames(self, data: bytes, now: float, chunk: int) -> list[bytes]:
         """Hot path with vnet_hdr: one TUN read (virtio_net_hdr + packet) to its datagrams.
 
-        To a server that takes super-packets: one AEAD, fragments of `chunk` bytes (§5.5).
-        Otherwise: segmented and checksummed in software, one kind-0 datagram per packet (§5.6).
+        A GSO super-packet to a server that takes them: one AEAD, fragments of `chunk` bytes (§5.5).
+        Otherwise (a single packet, or a server without offloads): checksum finished and segmented
+        in software, one kind-0 datagram per packet (§5.6).
         """
         kp = self.current
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        if self.peer_super:
+        if self.peer_super and data[1]:      # virtio gso_type != GSO_NONE
             frames = seal_fragments(kp, pad(data), chunk)
         else:
             frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
         self.last_tx = now
+        self._data_rx_since = None
         if self._unanswered_since is None:
             self._unanswered_since = now
         self.tx_bytes += sum(map(len, frames))
@@ -238,12 +245,14 @@ class ClientConnection:
             return
         dg = self.current.seal(KIND_CONTROL, control.encode(msg))
         self.last_tx = now
+        self._data_rx_since = None
         self.tx_bytes += len(dg)
         self._out.append(dg)
 
     def _send_keepalive(self, now: float) -> None:
         dg = self.current.seal(KIND_DATA, b"")
         self.last_tx = now
+        self._data_rx_since = None
         self.tx_bytes += len(dg)
         self._out.append(dg)
 
@@ -252,18 +261,17 @@ class ClientConnection:
         """The earliest time handle_timer has something to do, or None."""
         if self.state in (IDLE, CLOSED):
             return None
-        t = []
+        t = [kp.created + REJECT_AFTER_TIME for kp in (self.current, self.previous) if kp is not None]
         if self.pending is not None or self.current is None:
+            # while a handshake is pending, handle_timer only retransmits and expires keys
             t.append((self._last_initiation or 0) + REKEY_TIMEOUT)
-        for kp in (self.current, self.previous):
-            if kp is not None:
-                t.append(kp.created + REJECT_AFTER_TIME)
+            return min(t)
         if self.current is not None:
             t.append(self.current.created + REKEY_AFTER_TIME)
             if self._unanswered_since is not None:
                 t.append(self._unanswered_since + DEAD_PEER_TIMEOUT)
-            if self.last_data_rx is not None and (self.last_tx is None or self.last_tx < self.last_data_rx):
-                t.append(self.last_data_rx + KEEPALIVE_TIMEOUT)
+            if self._data_rx_since is not None:
+                t.append(self._data_rx_since + KEEPALIVE_TIMEOUT)
             if self.persistent_keepalive:
                 t.append((self.last_tx or 0) + self.persistent_keepalive)
         return min(t)
@@ -288,8 +296,7 @@ class ClientConnection:
         elif self._unanswered_since is not None and now - self._unanswered_since >= DEAD_PEER_TIMEOUT:
             self._unanswered_since = None
             self._send_initiation(now)
-        if self.last_data_rx is not None and (self.last_tx is None or self.last_tx < self.last_data_rx) \
-                and now - self.last_data_rx >= KEEPALIVE_TIMEOUT:
+        if self._data_rx_since is not None and now - self._data_rx_since >= KEEPALIVE_TIMEOUT:
             self._send_keepalive(now)
         elif self.persistent_keepalive and now - (self.last_tx or 0) >= self.persistent_keepalive:
             self._send_keepalive(now)

@@ -41,7 +41,8 @@ def hello(features=()) -> dict:
 
 
 def close(reason: str) -> dict:
-    return {"type": "close", "reason": reason[:MAX_STR]}
+    # the limit is in encoded bytes (msgpack's max_str_len), so cut the UTF-8, not the characters
+    return {"type": "close", "reason": reason.encode()[:MAX_STR].decode("utf-8", "ignore")}
 
 
 def _check_field(name: str, value, want: type) -> None:

@@ -36,6 +36,9 @@ _HASHES = {"BLAKE2s": (hashlib.blake2s, 32, "blake2s"), "BLAKE2b": (hashlib.blak
 
 def dh(private: bytes, public: bytes) -> bytes:
     """X25519; a low-order or malformed public key is a BadPacket, never a RuntimeError."""
+    if not isinstance(private, (bytes, bytearray)) or not isinstance(public, (bytes, bytearray)) \
+            or len(private) != DHLEN or len(public) != DHLEN:
+        raise BadPacket("dh")
     try:
         out = crypto_scalarmult(bytes(private), bytes(public))
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -220,8 +223,19 @@ class IKHandshake:
         return out + self.ss.encrypt_and_hash(payload)
 
     def read_message_2(self, message: bytes) -> bytes:
+        """Read the response; on failure the state is as before, so a forged response cannot
+        spoil the handshake for the genuine one that follows."""
         if len(message) < DHLEN + 16:
             raise BadPacket("short")
+        ss = self.ss
+        saved = (ss.ck, ss.h, ss.cipher, self.re)
+        try:
+            return self._read_message_2(message)
+        except BadPacket:
+            ss.ck, ss.h, ss.cipher, self.re = saved
+            raise
+
+    def _read_message_2(self, message: bytes) -> bytes:
         self._token_e_in(message[:DHLEN])
         self.ss.mix_key(dh(self.e, self.re))                    # ee
         self.ss.mix_key(dh(self.s, self.re))                    # se

@@ -45,7 +45,7 @@ class Peer:
     """One client's live session on the server. Memory-only: never pickled, printed as an index."""
 
     __slots__ = ("public_key", "endpoint", "current", "previous", "next", "last_timestamp", "state",
-                 "last_rx", "last_data_rx", "last_tx", "rx_bytes", "tx_bytes", "app", "handle", "super",
+                 "last_rx", "data_rx_since", "last_tx", "rx_bytes", "tx_bytes", "app", "handle", "super",
                  "__weakref__")
 
     def __init__(self, public_key: bytes, handle: int):
@@ -55,7 +55,8 @@ class Peer:
         self.current = self.previous = self.next = None
         self.last_timestamp = b""
         self.state = NEW
-        self.last_rx = self.last_data_rx = self.last_tx = None
+        self.last_rx = self.last_tx = None
+        self.data_rx_since = None   # first data received since our last send (passive keepalive)
         self.rx_bytes = self.tx_bytes = 0
         self.app = None   # the policy layer's data (assigned addresses, account)
         self.super = False  # the client advertised super-packets in its hello
@@ -188,7 +189,8 @@ class ServerProtocol:
             n = ip_packet_length(plain)
             if n <= 0:
                 raise BadPacket("inner-length")
-            peer.last_data_rx = now
+            if peer.data_rx_since is None:
+                peer.data_rx_since = now
             return peer, (ZERO_VNET_HDR + plain[:n] if self.vnet_hdr else plain[:n])
         if kind == KIND_CONTROL:
             msg = control.decode_untrusted(plain)
@@ -223,7 +225,8 @@ class ServerProtocol:
             return None
         peer = self._authenticated(kp, src, now)
         peer.rx_bytes += len(plain)
-        peer.last_data_rx = now
+        if peer.data_rx_since is None:
+            peer.data_rx_since = now
         size = ip_packet_length(plain, VNET_HDR_LEN)
         if size <= 0:
             raise BadPacket("inner-length")
@@ -246,6 +249,7 @@ class ServerProtocol:
             return None
         dg = kp.seal(KIND_DATA, pad(packet))
         peer.last_tx = now
+        peer.data_rx_since = None
         peer.tx_bytes += len(dg)
         return dg
 
@@ -255,11 +259,12 @@ class ServerProtocol:
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        if peer.super:
+        if peer.super and data[1]:           # virtio gso_type != GSO_NONE: a super-packet
             frames = seal_fragments(kp, pad(data), chunk)
         else:
             frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
         peer.last_tx = now
+        peer.data_rx_since = None
         peer.tx_bytes += len(data)
         return frames
 
@@ -269,6 +274,7 @@ class ServerProtocol:
             return
         dg = kp.seal(KIND_CONTROL, control.encode(msg))
         peer.last_tx = now
+        peer.data_rx_since = None
         peer.tx_bytes += len(dg)
         self._out.append((peer.endpoint, dg))
 
@@ -285,11 +291,11 @@ class ServerProtocol:
             if not peer.keypairs():
                 self.end_peer(peer, "expired", now)
                 continue
-            if peer.current is not None and peer.last_data_rx is not None and \
-                    (peer.last_tx is None or peer.last_tx < peer.last_data_rx) and \
-                    now - peer.last_data_rx >= KEEPALIVE_TIMEOUT:
+            if peer.current is not None and peer.data_rx_since is not None and \
+                    now - peer.data_rx_since >= KEEPALIVE_TIMEOUT:
                 dg = peer.current.seal(KIND_DATA, b"")
                 peer.last_tx = now
+                peer.data_rx_since = None
                 self._out.append((peer.endpoint, dg))
 
     def _forget_keypair(self, kp) -> None:

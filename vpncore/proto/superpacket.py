@@ -10,7 +10,8 @@ keypair's next counter with AD = the header of fragment 0, and the ciphertext
 All fragments but the last are the same size, so they go out as one UDP GSO
 train. The receiver opens the message once all n fragments are in; until then
 they wait in a bounded per-keypair table (SUPER_MAX_PARTIAL entries, the oldest
-evicted), so fragments that never complete cannot grow memory or touch other
+evicted, each holding at most SUPER_MAX_PLAINTEXT + 16 bytes), so fragments that
+never complete cannot grow memory past ~0.5 MiB per keypair or touch other
 sessions. The window check runs before a counter gets a slot and the window
 moves only after the tag verified.
 """
@@ -20,13 +21,14 @@ from __future__ import annotations
 import struct
 
 from .constants import (
-    KIND_SUPER, MSG_TRANSPORT, REJECT_AFTER_MESSAGES, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL,
+    KIND_SUPER, MSG_TRANSPORT, REJECT_AFTER_MESSAGES, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL, SUPER_MAX_PLAINTEXT,
     TRANSPORT_HEADER_LEN,
 )
 from .errors import BadPacket
 from .session import NONCE
 
 FRAG_HEADER = struct.Struct("<BBBBIQ")
+_MAX_CIPHERTEXT = SUPER_MAX_PLAINTEXT + 16
 _unpack_header = FRAG_HEADER.unpack_from
 _pack_header = FRAG_HEADER.pack
 
@@ -67,20 +69,27 @@ def receive_fragment(kp, datagram: bytes, no: int, n: int, counter: int):
     partial = kp.partial
     if partial is None:
         partial = kp.partial = {}
+    size = len(datagram) - TRANSPORT_HEADER_LEN
     entry = partial.get(counter)
     if entry is None:
+        if size * (n - 1) > _MAX_CIPHERTEXT:
+            raise BadPacket("fragment-oversize")
         if len(partial) >= SUPER_MAX_PARTIAL:
             del partial[min(partial)]      # evict the oldest incomplete super-packet
-        entry = partial[counter] = [[None] * n, n]
-    parts, missing = entry
+        entry = partial[counter] = [[None] * n, n, 0]
+    parts, missing, held = entry
     if len(parts) != n:
         raise BadPacket("fragment-count")
     if parts[no] is not None:
         raise BadPacket("fragment-duplicate")
+    held += size
+    if held > _MAX_CIPHERTEXT:             # no more than one genuine super-packet's bytes per counter
+        del partial[counter]
+        raise BadPacket("fragment-oversize")
     parts[no] = datagram[TRANSPORT_HEADER_LEN:]
     missing -= 1
     if missing:
-        entry[1] = missing
+        entry[1], entry[2] = missing, held
         return None
     del partial[counter]
     # the AD is fragment 0's header as the sender built it: its receiver index is our local index

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from .constants import (
     COOKIE_REPLY_LEN, INITIATION_LEN, MAC_LEN, MSG_COOKIE_REPLY, MSG_INITIATION, MSG_RESPONSE,
-    MSG_TRANSPORT, RESPONSE_LEN, TRANSPORT_MIN_LEN, KIND_SUPER,
+    MSG_TRANSPORT, RESPONSE_LEN, TRANSPORT_HEADER_LEN, TRANSPORT_MIN_LEN, KIND_SUPER,
 )
 from .errors import BadPacket
 
@@ -91,10 +91,13 @@ def unpack_cookie_reply_untrusted(datagram: bytes) -> CookieReply:
 
 def unpack_transport_header_untrusted(datagram: bytes) -> tuple[int, int, int]:
     """(kind, receiver index, counter) of a transport message."""
-    if len(datagram) < TRANSPORT_MIN_LEN:
+    if len(datagram) <= TRANSPORT_HEADER_LEN:
         raise BadPacket("length")
     t, kind, reserved, receiver, counter = TRANSPORT_HEADER.unpack_from(datagram)
-    # kind 2 (super-packet fragment, §5.5) uses the reserved bytes for frag_no and frag_count
-    if t != MSG_TRANSPORT or (reserved and kind != KIND_SUPER):
+    if t != MSG_TRANSPORT:
         raise BadPacket("header")
+    # kind 2 (super-packet fragment, §5.5) uses the reserved bytes for frag_no and frag_count,
+    # and its last fragment may be shorter than a tag
+    if kind != KIND_SUPER and (reserved or len(datagram) < TRANSPORT_MIN_LEN):
+        raise BadPacket("header" if reserved else "length")
     return kind, receiver, counter
