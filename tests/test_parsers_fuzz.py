@@ -179,7 +179,7 @@ def test_cookie_consume_reply(dg, primed):
     gen = CookieGenerator(bytes(range(32)))
     if primed:
         gen.add_macs(bytes(INITIATION_LEN - 32), 0.0)
-    got = _only_badpacket(gen.consume_reply, dg, 1.0)
+    got = _only_badpacket(gen.consume_reply, dg, 1.0, 0x01020304)
     if got is not None:   # only possible for a genuine reply; random bytes never authenticate
         raise AssertionError("random bytes accepted as a cookie reply")
 

@@ -16,7 +16,8 @@ from typing import Callable
 from . import control
 from .constants import (
     VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
-    MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_TIMEOUT,
+    MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
+    REKEY_TIMEOUT, SUPER_MAX_FRAGMENTS,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
@@ -135,8 +136,9 @@ class ClientConnection:
             if t == MSG_RESPONSE:
                 self._receive_response(dg, now)
             elif t == MSG_COOKIE_REPLY:
-                if self.pending is None or self._macs.consume_reply(dg, now) != self.pending.index:
-                    raise BadPacket("cookie-index")
+                if self.pending is None:
+                    raise BadPacket("cookie-unexpected")
+                self._macs.consume_reply(dg, now, self.pending.index)
             else:
                 raise BadPacket("type")
         except BadPacket as exc:
@@ -195,8 +197,9 @@ class ClientConnection:
             self._last_initiation = now  # first retry after REKEY_TIMEOUT
             self._events.append(ServerClosed(msg["reason"]))
         else:
-            if msg["type"] == "config":
-                self.peer_super = FEATURE_SUPERPACKET in msg.get("features", ())
+            if msg["type"] != "config":       # hello is for servers
+                raise BadPacket("control-direction")
+            self.peer_super = FEATURE_SUPERPACKET in msg.get("features", ())
             self._events.append(ControlReceived(msg))
 
     def encrypt(self, packet: bytes, now: float) -> bytes | None:
@@ -224,7 +227,7 @@ class ClientConnection:
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        if self.peer_super and data[1]:      # virtio gso_type != GSO_NONE
+        if self.peer_super and data[1] and len(data) + 32 <= chunk * SUPER_MAX_FRAGMENTS:  # a GSO super-packet
             frames = seal_fragments(kp, pad(data), chunk)
         else:
             frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
@@ -291,7 +294,7 @@ class ClientConnection:
             if now - (self._last_initiation or 0) >= REKEY_TIMEOUT:
                 self._send_initiation(now)
             return
-        if now - cur.created >= REKEY_AFTER_TIME:
+        if now - cur.created >= REKEY_AFTER_TIME or cur.send_counter >= REKEY_AFTER_MESSAGES:
             self._send_initiation(now)
         elif self._unanswered_since is not None and now - self._unanswered_since >= DEAD_PEER_TIMEOUT:
             self._unanswered_since = None

@@ -12,11 +12,13 @@ import struct
 
 import msgpack
 
-from .constants import CONTROL_MAX_ITEMS, CONTROL_MAX_LEN, CONTROL_VERSION, PADDING_MULTIPLE
+from .constants import (
+    CONTROL_MAX_ITEMS, CONTROL_MAX_LEN, CONTROL_MAX_STR, CONTROL_VERSION, KEEPALIVE_MAX, PADDING_MULTIPLE,
+)
 from .errors import BadPacket
 
 _LEN = struct.Struct(">H")
-MAX_STR = 256
+MAX_STR = CONTROL_MAX_STR
 
 # type -> {field: (python type, required)}; fields not listed are ignored on receipt.
 SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
@@ -33,7 +35,12 @@ def encode(msg: dict) -> bytes:
     if len(body) > CONTROL_MAX_LEN:
         raise ValueError("control message too long")
     plain = _LEN.pack(len(body)) + body
-    return plain + bytes(-len(plain) % PADDING_MULTIPLE)
+    plain += bytes(-len(plain) % PADDING_MULTIPLE)
+    try:
+        decode_untrusted(plain)      # never send what the peer's decoder would refuse
+    except BadPacket as exc:
+        raise ValueError(f"control message would be refused ({exc.reason})") from None
+    return plain
 
 
 def hello(features=()) -> dict:
@@ -59,16 +66,16 @@ def _check_field(name: str, value, want: type) -> None:
 
 def _check_config(msg: dict) -> None:
     try:
-        for key in ("ipv4", "ipv6"):
-            if key in msg:
-                ipaddress.ip_interface(msg[key])
+        for key, version in (("ipv4", 4), ("ipv6", 6)):
+            if key in msg and ipaddress.ip_interface(msg[key]).version != version:
+                raise BadPacket("control-field")
         for r in msg["routes"]:
             ipaddress.ip_network(r, strict=False)
         for d in msg.get("dns", ()):
             ipaddress.ip_address(d)
     except ValueError as exc:
         raise BadPacket("control-field") from exc
-    if not 576 <= msg["mtu"] <= 65535:
+    if not 576 <= msg["mtu"] <= 65535 or not 0 <= msg.get("keepalive", 0) <= KEEPALIVE_MAX:
         raise BadPacket("control-field")
 
 
@@ -95,6 +102,8 @@ def decode_untrusted(plaintext: bytes) -> dict:
             _check_field(name, msg[name], want)
         elif required:
             raise BadPacket("control-field")
+    if msg.get("version", CONTROL_VERSION) != CONTROL_VERSION:
+        raise BadPacket("control-version")
     if msg["type"] == "config":
         _check_config(msg)
     return msg

@@ -100,15 +100,16 @@ class CookieGenerator:
             m2 = ZERO_MAC
         return msg_without_macs + m1 + m2
 
-    def consume_reply(self, datagram: bytes, now: float) -> int:
-        """Store the cookie of a reply; returns its receiver index. BadPacket if invalid."""
+    def consume_reply(self, datagram: bytes, now: float, expected_receiver: int) -> None:
+        """Store the cookie of a reply to our message `expected_receiver`; BadPacket if invalid."""
         reply = unpack_cookie_reply_untrusted(datagram)
         if self.last_mac1 is None:
             raise BadPacket("cookie-unexpected")
+        if reply.receiver != expected_receiver:
+            raise BadPacket("cookie-index")
         try:
             cookie = crypto_aead_xchacha20poly1305_ietf_decrypt(
                 reply.encrypted_cookie, self.last_mac1, reply.nonce, self._cookie_key)
         except Exception as exc:  # CryptoError, ValueError, TypeError from the binding
             raise BadPacket("cookie-aead") from exc
         self._cookie, self._cookie_at = cookie, now
-        return reply.receiver

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 VNET_HDR = struct.Struct("<BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-VNET_HDR_LEN = 10
+from .constants import VNET_HDR_LEN  # noqa: E402
 ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
 NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_UDP_L4, GSO_ECN = 0, 1, 3, 4, 5, 0x80

@@ -19,7 +19,7 @@ from typing import Callable
 from . import control
 from .constants import (
     FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
-    MSG_TRANSPORT, REJECT_AFTER_TIME, VNET_HDR_LEN,
+    MSG_TRANSPORT, REJECT_AFTER_TIME, SUPER_MAX_FRAGMENTS, VNET_HDR_LEN,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
@@ -29,7 +29,7 @@ from .noise import public_key
 from .gso import ZERO_VNET_HDR, segment
 from .session import ip_packet_length, pad
 from .superpacket import parse_fragment, receive_fragment, seal_fragments
-from .wire import unpack_transport_header_untrusted
+from .wire import unpack_initiation_untrusted, unpack_transport_header_untrusted
 
 # Peer session states and their one table of transitions (SPEC §8.2).
 NEW, LIVE, ENDED = "new", "live", "ended"
@@ -82,6 +82,7 @@ class ServerProtocol:
         self.peers: dict[bytes, Peer] = {}             # public key -> live session
         self.by_index: dict = {}                       # local index -> Keypair
         self.under_load = False
+        self.reject_after = REJECT_AFTER_TIME     # shortened only by tests (vpnd's test hooks)
         self.vnet_hdr = vnet_hdr   # our TUN carries virtio_net_hdr: take super-packets, return framed packets
         self._out: deque = deque()
         self._events: deque = deque()
@@ -142,9 +143,8 @@ class ServerProtocol:
                 return index
 
     def _receive_initiation(self, dg: bytes, src: tuple, now: float) -> None:
-        if len(dg) != 148:
-            raise BadPacket("length")
-        # mac1 first: no DH for anyone who does not know our public key
+        unpack_initiation_untrusted(dg)          # length, type and reserved bytes
+        # mac1 next: no DH for anyone who does not know our public key
         if not self._checker.mac1_ok(dg):
             raise BadPacket("mac1")
         if self.under_load and not self._checker.mac2_ok(dg, src, now):
@@ -197,8 +197,9 @@ class ServerProtocol:
             if msg["type"] == "close":
                 self.end_peer(peer, "closed by client", now, notify=False)
             else:
-                if msg["type"] == "hello":
-                    peer.super = self.vnet_hdr and FEATURE_SUPERPACKET in msg.get("features", ())
+                if msg["type"] != "hello":       # config is for clients
+                    raise BadPacket("control-direction")
+                peer.super = self.vnet_hdr and FEATURE_SUPERPACKET in msg.get("features", ())
                 self._events.append(ControlReceived(msg, peer))
             return None
         raise BadPacket("kind")
@@ -259,7 +260,7 @@ class ServerProtocol:
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        if peer.super and data[1]:           # virtio gso_type != GSO_NONE: a super-packet
+        if peer.super and data[1] and len(data) + 32 <= chunk * SUPER_MAX_FRAGMENTS:  # a GSO super-packet
             frames = seal_fragments(kp, pad(data), chunk)
         else:
             frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
@@ -283,7 +284,7 @@ class ServerProtocol:
         """Expire keypairs at REJECT_AFTER_TIME, end peers left without keys, send passive keepalives."""
         for peer in list(self.peers.values()):
             for kp in peer.keypairs():
-                if now - kp.created >= REJECT_AFTER_TIME:
+                if now - kp.created >= self.reject_after:
                     self._forget_keypair(kp)
                     for slot in ("current", "previous", "next"):
                         if getattr(peer, slot) is kp:
@@ -315,6 +316,7 @@ class ServerProtocol:
         peer.endpoint = None
         peer.last_timestamp = b""
         del self.peers[peer.public_key]
+        self._reply_macs.pop(peer.public_key, None)   # holds the last response's mac1
         was_live = peer.state == LIVE
         peer.state = PEER_TRANSITIONS[(peer.state, "end")]
         if was_live:
