@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import signal
-import socket
 import time
 
 import trio
 
 from vpncore.log import Log
+from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_connected
@@ -184,95 +182,26 @@ class Client:
         }
 
     def _open_control_socket(self):
-        path = self.cfg.control_socket
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            pass
-        else:
-            probe.close()
-            raise UserError(f"another vpnclient is already running with control socket {path}; "
-                            f"stop it with 'vpnclient down' or set a different control_socket", 1)
-        finally:
-            probe.close()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(8)
-        self._socket_path = path
-        return trio.socket.from_stdlib_socket(sock)
+        self._socket_path = self.cfg.control_socket
+        return ctlsock.open_listener(self._socket_path, "vpnclient",
+                                     "stop it with 'vpnclient down' or set a different control_socket")
 
     def _remove_control_socket(self) -> None:
-        path = getattr(self, "_socket_path", None)
-        if path:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if getattr(self, "_socket_path", None):
+            ctlsock.remove(self._socket_path)
 
     async def _control_loop(self, listener) -> None:
-        with listener:
-            while True:
-                conn, _ = await listener.accept()
-                with conn:
-                    try:
-                        with trio.move_on_after(2):
-                            line = await conn.recv(256)
-                            cmd = line.decode("ascii", "replace").strip()
-                            if cmd == "status":
-                                await conn.send(json.dumps(self.status()).encode() + b"\n")
-                            elif cmd == "down":
-                                await conn.send(b'{"ok": true}\n')
-                                self._stop.set()
-                            else:
-                                await conn.send(b'{"error": "unknown command"}\n')
-                    except OSError as exc:
-                        if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
-                            raise
+        await ctlsock.serve(listener, self._control_request)
+
+    def _control_request(self, cmd: str) -> dict:
+        if cmd == "status":
+            return self.status()
+        if cmd == "down":
+            self._stop.set()
+            return {"ok": True}
+        return {"error": f"unknown command {cmd[:40]!r}; use status or down"}
 
 
 def query(path: str, command: str, timeout: float = 5.0) -> dict:
     """Send one command to a running `vpnclient up` and return its JSON answer."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-    except FileNotFoundError:
-        raise UserError(f"vpnclient is not running (no control socket at {path}); "
-                        f"start it with 'vpnclient up --config FILE'", 1) from None
-    except ConnectionRefusedError:
-        raise UserError(f"vpnclient is not running (stale control socket {path}); "
-                        f"start it with 'vpnclient up --config FILE'", 1) from None
-    except PermissionError:
-        raise UserError("permission denied on the control socket; run as root", 1) from None
-    except OSError as exc:
-        s.close()
-        raise UserError(f"cannot connect to the control socket {path} ({exc.strerror or exc}); "
-                        f"check the path", 1) from None
-    with s:
-        data = b""
-        try:
-            s.sendall(command.encode() + b"\n")
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except TimeoutError:
-            raise UserError(f"vpnclient did not answer '{command}' within {timeout:g} s; "
-                            f"it may be hung: end it with SIGTERM", 1) from None
-        except OSError as exc:
-            raise UserError(f"lost the connection to vpnclient ({exc.strerror or exc})", 1) from None
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise UserError("vpnclient answered with something unreadable; is it the same version?", 1) from None
+    return ctlsock.query(path, command, "vpnclient", timeout)

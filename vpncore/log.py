@@ -8,7 +8,9 @@ detail about one connection, it counts instead.
 
 from __future__ import annotations
 
+import re
 import sys
+import traceback
 
 QUIET, INFO, VERBOSE, DEBUG = 0, 1, 2, 3
 LEVELS = {"quiet": QUIET, "info": INFO, "verbose": VERBOSE, "debug": DEBUG}
@@ -28,6 +30,8 @@ EVENTS = {
     "reconnecting": (INFO, "no answer from the server: reconnecting"),
     "server-closed": (INFO, "the server closed the session"),
     "config-applied": (INFO, "tunnel configuration applied"),
+    "harden-warning": (QUIET, "hardening incomplete: see the line above"),
+    "stats": (DEBUG, "statistics"),
 }
 
 
@@ -46,3 +50,28 @@ class Log:
                 raise TypeError(f"log event {name!r}: {key} must be an int")
         tail = "".join(f" {k}={v}" for k, v in sorted(counts.items()))
         print(f"{self.prog}: {sentence}{tail}", file=self.stream, flush=True)
+
+
+# What a scrubbed traceback may not show: IPv4 and IPv6 addresses (with ports), keys in base64 or
+# hex, and times finer than a day.
+_SCRUB = [
+    re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?(?![\w.])"),
+    re.compile(r"\[?(?<![\w:])(?:[0-9a-fA-F]{0,4}:){2,7}[0-9a-fA-F]{0,4}(?:%\w+)?\]?(?::\d+)?(?![\w:])"),
+    re.compile(r"[A-Za-z0-9+/]{43}="),
+    re.compile(r"\b[0-9a-fA-F]{16,}\b"),
+    re.compile(r"\b\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\b"),
+    re.compile(r"\b1[5-9]\d{8}(?:\.\d+)?\b"),          # Unix times in seconds
+]
+
+
+def scrub(text: str) -> str:
+    """`text` with anything that looks like an address, key or fine time replaced by <scrubbed>."""
+    for pattern in _SCRUB:
+        text = pattern.sub("<scrubbed>", text)
+    return text
+
+
+def report_crash(prog: str, exc: BaseException, stream=None) -> None:
+    """Print an unexpected exception as a scrubbed traceback (never the raw one)."""
+    text = "".join(traceback.format_exception(exc))
+    print(f"{prog}: internal error (please report it):\n{scrub(text)}", file=stream or sys.stderr, flush=True)

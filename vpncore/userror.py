@@ -30,12 +30,18 @@ def run_cli(main, argv=None, prog: str = "") -> int:
     except BaseExceptionGroup as group:  # raised from inside a Trio nursery
         match, _ = group.split(UserError)
         if match is None:
-            raise
+            from .log import report_crash
+            report_crash(prog, group)
+            return 70
         exc = _first_leaf(match)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:   # a bug: show it, but scrubbed of addresses, keys and times
+        from .log import report_crash
+        report_crash(prog, exc)
+        return 70
 
 
 def _first_leaf(exc):

@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
     s = sub.add_parser("serve", help="run the server in the foreground")
     s.add_argument("--config", "-c", required=True, metavar="FILE", help="server configuration (TOML)")
+    st = sub.add_parser("stats", help="aggregate statistics per UTC day (no per-connection figures exist)")
+    g = st.add_mutually_exclusive_group()
+    g.add_argument("--config", "-c", metavar="FILE", help="find the control socket from this config")
+    g.add_argument("--socket", metavar="PATH", help="the control socket of the running server")
+    st.add_argument("--json", action="store_true", help="print JSON for scripts")
     return p
 
 
@@ -36,14 +41,36 @@ def serve(path: str) -> int:
     from .config import load
     from .server import Server
 
+    from .harden import harden
+
     cfg = load(path)
     if os.geteuid() != 0:
         raise UserError("vpnd serve needs root (it creates a TUN device); run it with sudo or as root", 1)
-    server = Server(cfg, Log(PROG, cfg.log_level))
+    log = Log(PROG, cfg.log_level)
+    for warning in harden():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+    hooks = os.environ.get("VPND_TEST_HOOKS") == "1"
+    server = Server(cfg, log, test_hooks=hooks)
+    if hooks and os.environ.get("VPND_TEST_REJECT_AFTER"):
+        server.proto.reject_after = float(os.environ["VPND_TEST_REJECT_AFTER"])
     try:
         trio.run(server.run)
     except TunError as exc:
         raise UserError(str(exc), 1) from None
+    return 0
+
+
+def stats(args) -> int:
+    import json
+
+    from vpncore.net.ctlsock import query
+
+    from .config import default_socket, load
+    from .stats import format_text
+
+    path = args.socket or (load(args.config).control_socket if args.config else default_socket("vpnd0"))
+    snap = query(path, "stats", PROG)
+    print(json.dumps(snap) if args.json else format_text(snap))
     return 0
 
 
@@ -55,6 +82,8 @@ def main(argv=None) -> int:
         print(pubkey_from_stdin())
     elif args.cmd == "serve":
         return serve(args.config)
+    elif args.cmd == "stats":
+        return stats(args)
     else:
         build_parser().print_help()
         return 2

@@ -11,6 +11,7 @@
     push_routes = []                    # routes pushed besides the pools
     client_to_client = true
     log_level = "info"                  # quiet | info | verbose | debug
+    control_socket = "/run/vpnd/vpnd0.sock"   # default: /run/vpnd/<interface>.sock; root only
 
     [[client]]
     public_key = "..."
@@ -28,7 +29,12 @@ from vpncore.net.udp import parse_hostport
 from vpncore.userror import UserError, check_keys, load_toml, need, parse_key, read_private_key
 
 SERVER_KEYS = {"private_key", "private_key_file", "listen", "interface", "address_pool4", "address_pool6",
-               "mtu", "dns", "push_routes", "client_to_client", "log_level"}
+               "mtu", "dns", "push_routes", "client_to_client", "log_level", "control_socket"}
+# Options other servers have that would record per-connection data: refused by name, with the reason.
+NO_LOG_REFUSED = {"log_file", "logfile", "log_connections", "connection_log", "status_file", "status",
+                  "pcap", "packet_capture", "capture", "accounting", "accounting_log", "syslog", "audit_log",
+                  "persist_sessions", "session_file", "keep_endpoints"}
+RUN_DIR = "/run/vpnd"
 CLIENT_KEYS = {"public_key", "preshared_key", "name"}
 
 
@@ -53,6 +59,7 @@ class ServerConfig:
     push_routes: list[str] = field(default_factory=list)
     client_to_client: bool = True
     log_level: int = 1
+    control_socket: str = ""
     clients: list[ClientEntry] = field(default_factory=list)
 
     def __repr__(self) -> str:
@@ -72,10 +79,17 @@ def _pool(value, version: int, key: str):
     return net
 
 
+def default_socket(interface: str) -> str:
+    return os.path.join(RUN_DIR, f"{interface}.sock")
+
+
 def load(path: str) -> ServerConfig:
     doc = load_toml(path, "config file")
     check_keys(doc, {"server", "client"}, "the config file")
     srv = need(doc, "server", dict, "the config file ([server] section)")
+    for key in sorted(set(srv) & NO_LOG_REFUSED):
+        raise UserError(f"[server] option '{key}' would record per-connection data, and vpnd keeps no logs "
+                        f"by design; remove it (aggregate per-day figures: 'vpnd stats')")
     check_keys(srv, SERVER_KEYS, "[server]")
     key = read_private_key(srv, "[server]", os.path.dirname(os.path.abspath(path)))
     listen = srv.get("listen", ["0.0.0.0:51820"])
@@ -85,6 +99,7 @@ def load(path: str) -> ServerConfig:
         raise UserError("server.listen must be a list like [\"0.0.0.0:51820\", \"[::]:51820\"]")
     cfg = ServerConfig(private_key=key, listen=[parse_hostport(x, "server.listen entry") for x in listen])
     cfg.interface = str(srv.get("interface", "vpnd0"))
+    cfg.control_socket = str(srv.get("control_socket", default_socket(cfg.interface)))
     if "address_pool4" in srv:
         cfg.pool4 = _pool(srv["address_pool4"], 4, "address_pool4")
     if "address_pool6" in srv:

@@ -45,7 +45,7 @@ class Peer:
     """One client's live session on the server. Memory-only: never pickled, printed as an index."""
 
     __slots__ = ("public_key", "endpoint", "current", "previous", "next", "last_timestamp", "state",
-                 "last_rx", "data_rx_since", "last_tx", "rx_bytes", "tx_bytes", "app", "handle", "super",
+                 "last_rx", "data_rx_since", "last_tx", "app", "handle", "super",
                  "__weakref__")
 
     def __init__(self, public_key: bytes, handle: int):
@@ -57,7 +57,6 @@ class Peer:
         self.state = NEW
         self.last_rx = self.last_tx = None
         self.data_rx_since = None   # first data received since our last send (passive keepalive)
-        self.rx_bytes = self.tx_bytes = 0
         self.app = None   # the policy layer's data (assigned addresses, account)
         self.super = False  # the client advertised super-packets in its hello
 
@@ -87,6 +86,8 @@ class ServerProtocol:
         self._out: deque = deque()
         self._events: deque = deque()
         self.drops: Counter[str] = Counter()
+        # totals over all sessions: no per-session or per-address figure exists (SPEC §9)
+        self.rx_bytes = self.tx_bytes = 0
 
     def __repr__(self) -> str:
         return f"<ServerProtocol peers={len(self.peers)}>"
@@ -182,7 +183,7 @@ class ServerProtocol:
             raise BadPacket("index")
         plain = kp.open(dg, counter)
         peer = self._authenticated(kp, src, now)
-        peer.rx_bytes += len(dg)
+        self.rx_bytes += len(dg)
         if kind == KIND_DATA:
             if not plain:
                 return None
@@ -225,7 +226,7 @@ class ServerProtocol:
         if plain is None:
             return None
         peer = self._authenticated(kp, src, now)
-        peer.rx_bytes += len(plain)
+        self.rx_bytes += len(plain)
         if peer.data_rx_since is None:
             peer.data_rx_since = now
         size = ip_packet_length(plain, VNET_HDR_LEN)
@@ -251,7 +252,7 @@ class ServerProtocol:
         dg = kp.seal(KIND_DATA, pad(packet))
         peer.last_tx = now
         peer.data_rx_since = None
-        peer.tx_bytes += len(dg)
+        self.tx_bytes += len(dg)
         return dg
 
     def encrypt_frames(self, peer: Peer, data: bytes, now: float, chunk: int) -> list[bytes]:
@@ -266,7 +267,7 @@ class ServerProtocol:
             frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
         peer.last_tx = now
         peer.data_rx_since = None
-        peer.tx_bytes += len(data)
+        self.tx_bytes += len(data)
         return frames
 
     def send_control(self, peer: Peer, msg: dict, now: float) -> None:
@@ -276,7 +277,7 @@ class ServerProtocol:
         dg = kp.seal(KIND_CONTROL, control.encode(msg))
         peer.last_tx = now
         peer.data_rx_since = None
-        peer.tx_bytes += len(dg)
+        self.tx_bytes += len(dg)
         self._out.append((peer.endpoint, dg))
 
     # --- timers and teardown -------------------------------------------------------
