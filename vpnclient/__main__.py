@@ -60,7 +60,7 @@ def up(args) -> int:
         raise UserError("vpnclient up needs root (it creates a TUN device); run it with sudo or as root", 1)
     client = Client(cfg, Log(PROG, LEVELS[args.log_level]), out=lambda line: print(line, flush=True))
     trio.run(client.run)
-    return 0
+    return client.exit_status
 
 
 def format_status(st: dict) -> str:

@@ -29,6 +29,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", "-c", metavar="FILE", help="find the control socket from this config")
     g.add_argument("--socket", metavar="PATH", help="the control socket of the running server")
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    acc = sub.add_parser("account", help="manage accounts in the registry (changes reach a running vpnd at once)")
+    asub = acc.add_subparsers(dest="op", metavar="ACTION", parser_class=_Parser, required=True)
+    actions = []
+    add = asub.add_parser("add", help="create an account")
+    add.add_argument("id")
+    add.add_argument("--plan", default="free", help="plan name from the config (default: free)")
+    actions += [add, asub.add_parser("list", help="list accounts")]
+    for name, text in (("show", "show one account"), ("suspend", "suspend: live sessions end at once"),
+                       ("resume", "resume a suspended account"), ("remove", "delete an account")):
+        a = asub.add_parser(name, help=text)
+        a.add_argument("id")
+        actions.append(a)
+    sp = asub.add_parser("set-plan", help="change an account's plan")
+    sp.add_argument("id")
+    sp.add_argument("plan")
+    actions.append(sp)
+    dev = sub.add_parser("device", help="add or remove a device (public key) of an account")
+    dsub = dev.add_subparsers(dest="op", metavar="ACTION", parser_class=_Parser, required=True)
+    for name in ("add", "remove"):
+        d = dsub.add_parser(name, help=f"{name} a device")
+        d.add_argument("id", metavar="ACCOUNT")
+        d.add_argument("key", metavar="PUBKEY")
+        actions.append(d)
+    for parser in actions:
+        parser.add_argument("--config", "-c", required=True, metavar="FILE",
+                            help="server configuration naming the registry (accounts = ...)")
+        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     return p
 
 
@@ -74,6 +102,52 @@ def stats(args) -> int:
     return 0
 
 
+def accounts_command(args) -> int:
+    import json
+
+    from vpncore.net.ctlsock import query
+    from vpncore.userror import encode_key
+
+    from . import accounts as reg
+    from .config import load
+
+    cfg = load(args.config)
+    if cfg.accounts is None:
+        raise UserError("the config names no accounts registry; add accounts = \"/var/lib/vpnd/accounts.json\" "
+                        "to [server]")
+    op = args.op if args.cmd == "account" else f"device-{args.op}"
+    if op in ("list", "show"):
+        accounts = reg.load(cfg.accounts)
+        chosen = list(accounts.values()) if op == "list" else [accounts.get(args.id)]
+        if chosen == [None]:
+            raise UserError(f"no account {args.id!r}; see 'vpnd account list'", 1)
+        if args.json:
+            print(json.dumps({a.id: a.as_json() for a in chosen}))
+        elif op == "list":
+            for a in sorted(chosen, key=lambda a: a.id):
+                print(f"{a.id}  plan {a.plan}  {a.status}  devices {len(a.devices)}  created {a.created}")
+        else:
+            a = chosen[0]
+            print(f"account  {a.id}\nplan     {a.plan}\nstatus   {a.status}\ncreated  {a.created}")
+            for d in a.devices:
+                print(f"device   {encode_key(d)}")
+        return 0
+    reg.change(cfg.accounts, op, args.id, plan=getattr(args, "plan", None), key=getattr(args, "key", None),
+               plans=tuple(cfg.plans))
+    running = True
+    try:
+        query(cfg.control_socket, "reload", PROG, timeout=5)
+    except UserError:
+        running = False      # not running: it reads the registry when it starts
+    verb = {"add": "created", "suspend": "suspended", "resume": "resumed", "remove": "removed",
+            "set-plan": "moved to the new plan", "device-add": "device added to",
+            "device-remove": "device removed from"}[op]
+    tail = "; the running server applied it" if running else ""
+    print(f"vpnd: account {args.id} {verb}{tail}" if not op.startswith("device") else
+          f"vpnd: {verb} account {args.id}{tail}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "genkey":
@@ -84,6 +158,8 @@ def main(argv=None) -> int:
         return serve(args.config)
     elif args.cmd == "stats":
         return stats(args)
+    elif args.cmd in ("account", "device"):
+        return accounts_command(args)
     else:
         build_parser().print_help()
         return 2

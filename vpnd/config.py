@@ -9,7 +9,17 @@
     mtu = 1420
     dns = ["198.19.0.1"]
     push_routes = []                    # routes pushed besides the pools
-    client_to_client = true
+    client_to_client = false            # clients may reach each other through the server
+    accounts = "/var/lib/vpnd/accounts.json"   # the accounts registry (optional)
+    egress_interface = "eth0"           # NAT client traffic out of this interface (optional)
+    block_tcp_ports = [25]              # outbound TCP ports clients may not use
+    block_server_networks = true        # clients may not reach the server's own/private networks
+    blocked_networks = []               # more destinations clients may not reach
+
+    [plans.free]                        # plans; defaults: free (1 device), plus (5 devices)
+    devices = 1
+    bandwidth_mbit = 0                  # per account and direction, 0 = no cap
+    new_flows_per_second = 50           # per account, 0 = no cap
     log_level = "info"                  # quiet | info | verbose | debug
     control_socket = "/run/vpnd/vpnd0.sock"   # default: /run/vpnd/<interface>.sock; root only
 
@@ -25,11 +35,15 @@ import os
 from dataclasses import dataclass, field
 
 from vpncore.log import LEVELS
+
+from .policy import DEFAULT_PLANS, Plan
 from vpncore.net.udp import parse_hostport
 from vpncore.userror import UserError, check_keys, load_toml, need, parse_key, read_private_key
 
 SERVER_KEYS = {"private_key", "private_key_file", "listen", "interface", "address_pool4", "address_pool6",
-               "mtu", "dns", "push_routes", "client_to_client", "log_level", "control_socket"}
+               "mtu", "dns", "push_routes", "client_to_client", "log_level", "control_socket", "accounts",
+               "egress_interface", "block_tcp_ports", "block_server_networks", "blocked_networks"}
+PLAN_KEYS = {"devices", "bandwidth_mbit", "new_flows_per_second"}
 # Options other servers have that would record per-connection data: refused by name, with the reason.
 NO_LOG_REFUSED = {"log_file", "logfile", "log_connections", "connection_log", "status_file", "status",
                   "pcap", "packet_capture", "capture", "accounting", "accounting_log", "syslog", "audit_log",
@@ -57,7 +71,13 @@ class ServerConfig:
     mtu: int = 1420
     dns: list[str] = field(default_factory=list)
     push_routes: list[str] = field(default_factory=list)
-    client_to_client: bool = True
+    client_to_client: bool = False
+    accounts: str | None = None
+    egress_interface: str | None = None
+    block_tcp_ports: list[int] = field(default_factory=lambda: [25])
+    block_server_networks: bool = True
+    blocked_networks: list[str] = field(default_factory=list)
+    plans: dict = field(default_factory=lambda: dict(DEFAULT_PLANS))
     log_level: int = 1
     control_socket: str = ""
     clients: list[ClientEntry] = field(default_factory=list)
@@ -79,13 +99,35 @@ def _pool(value, version: int, key: str):
     return net
 
 
+def load_plans(section) -> dict:
+    if not isinstance(section, dict):
+        raise UserError("plans are [plans.NAME] tables with devices, bandwidth_mbit, new_flows_per_second")
+    plans = dict(DEFAULT_PLANS)
+    for name, p in section.items():
+        where = f"[plans.{name}]"
+        if not isinstance(p, dict):
+            raise UserError(f"{where} must be a table")
+        check_keys(p, PLAN_KEYS, where)
+        devices = p.get("devices", 1)
+        bw = p.get("bandwidth_mbit", 0)
+        flows = p.get("new_flows_per_second", 0)
+        if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+            raise UserError(f"{where} devices must be a whole number of at least 1")
+        if not isinstance(bw, (int, float)) or isinstance(bw, bool) or bw < 0:
+            raise UserError(f"{where} bandwidth_mbit must be a number, 0 for no cap")
+        if not isinstance(flows, int) or isinstance(flows, bool) or flows < 0:
+            raise UserError(f"{where} new_flows_per_second must be a whole number, 0 for no cap")
+        plans[name] = Plan(name, devices, float(bw), flows)
+    return plans
+
+
 def default_socket(interface: str) -> str:
     return os.path.join(RUN_DIR, f"{interface}.sock")
 
 
 def load(path: str) -> ServerConfig:
     doc = load_toml(path, "config file")
-    check_keys(doc, {"server", "client"}, "the config file")
+    check_keys(doc, {"server", "client", "plans"}, "the config file")
     srv = need(doc, "server", dict, "the config file ([server] section)")
     for key in sorted(set(srv) & NO_LOG_REFUSED):
         raise UserError(f"[server] option '{key}' would record per-connection data, and vpnd keeps no logs "
@@ -119,7 +161,26 @@ def load(path: str) -> ServerConfig:
         except ValueError:
             raise UserError(f"server.{key_name} has an invalid entry {x!r}") from None
         setattr(cfg, key_name, items)
-    cfg.client_to_client = bool(srv.get("client_to_client", True))
+    for name in ("client_to_client", "block_server_networks"):
+        if name in srv:
+            if not isinstance(srv[name], bool):
+                raise UserError(f"server.{name} must be true or false")
+            setattr(cfg, name, srv[name])
+    if "accounts" in srv:
+        cfg.accounts = os.path.join(os.path.dirname(os.path.abspath(path)), need(srv, "accounts", str, "[server]"))
+    if "egress_interface" in srv:
+        cfg.egress_interface = need(srv, "egress_interface", str, "[server]")
+    ports = srv.get("block_tcp_ports", [25])
+    if not isinstance(ports, list) or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536
+                                              for p in ports):
+        raise UserError("server.block_tcp_ports must be a list of port numbers, e.g. [25]")
+    cfg.block_tcp_ports = ports
+    nets = srv.get("blocked_networks", [])
+    try:
+        cfg.blocked_networks = [str(ipaddress.ip_network(n, strict=False)) for n in nets]
+    except (ValueError, TypeError):
+        raise UserError("server.blocked_networks must be a list of networks like \"10.0.0.0/8\"") from None
+    cfg.plans = load_plans(doc.get("plans", {}))
     level = srv.get("log_level", "info")
     if not isinstance(level, str) or level not in LEVELS:
         raise UserError(f"server.log_level must be one of {', '.join(LEVELS)}")

@@ -19,17 +19,19 @@ def utc_day(unix_time: float | None = None) -> str:
 
 
 class DayTotals:
-    __slots__ = ("connections", "bytes_in", "bytes_out", "drops")
+    __slots__ = ("connections", "bytes_in", "bytes_out", "drops", "accounts")
 
     def __init__(self):
         self.connections = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.drops: Counter[str] = Counter()
+        self.accounts: dict[str, list[int]] = {}   # account id -> [bytes in, bytes out] this day
 
     def as_dict(self) -> dict:
         return {"connections": self.connections, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "drops": dict(sorted(self.drops.items()))}
+                "drops": dict(sorted(self.drops.items())),
+                "accounts": {a: {"bytes_in": v[0], "bytes_out": v[1]} for a, v in sorted(self.accounts.items())}}
 
 
 class DailyStats:
@@ -57,6 +59,14 @@ class DailyStats:
         t.bytes_in += bytes_in
         t.bytes_out += bytes_out
 
+    def add_account_bytes(self, per_account: dict) -> None:
+        if per_account:
+            accounts = self.today().accounts
+            for aid, (rx, tx) in per_account.items():
+                v = accounts.setdefault(aid, [0, 0])
+                v[0] += rx
+                v[1] += tx
+
     def add_drops(self, drops: Counter) -> None:
         if drops:
             self.today().drops.update(drops)
@@ -71,4 +81,6 @@ def format_text(snap: dict) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in t["drops"].items()) or "none"
         lines.append(f"{day}  connections {t['connections']}  in {t['bytes_in']} B  out {t['bytes_out']} B  "
                      f"drops: {drops}")
+        for aid, a in t.get("accounts", {}).items():
+            lines.append(f"{day}  account {aid}  in {a['bytes_in']} B  out {a['bytes_out']} B")
     return "\n".join(lines)

@@ -38,10 +38,10 @@ class Vpn:
         return self.clients[0]
 
 
-def _bring_up(topo: Topology, workdir: Path, endpoints: list[str]) -> Vpn:
+def _bring_up(topo: Topology, workdir: Path, endpoints: list[str], extra: str = "") -> Vpn:
     server_keys = vpn.genkeys()
     client_keys = [vpn.genkeys() for _ in endpoints]
-    server = vpn.start_server(topo, workdir, server_keys, client_keys)
+    server = vpn.start_server(topo, workdir, server_keys, client_keys, extra=extra)
     clients, statuses = [], []
     for ns, keys, endpoint in zip(topo.clients, client_keys, endpoints):
         c = vpn.start_client(topo, ns, workdir, keys, server_keys.public, endpoint)
@@ -151,7 +151,7 @@ def test_two_clients_ping_each_other(topology2, tmp_path):
     topo = topology2
     endpoints = [f"{topo.links[0].server_ip4}:{PORT}",      # client 0 over the IPv4 underlay
                  f"[{topo.links[1].server_ip6}]:{PORT}"]     # client 1 over the IPv6 underlay
-    v = _bring_up(topo, tmp_path, endpoints)
+    v = _bring_up(topo, tmp_path, endpoints, extra="client_to_client = true\n")
     ips = [vpn.tunnel_ips(st) for st in v.statuses]
     assert ips == [("198.19.0.2", "2001:2:0:100::2"), ("198.19.0.3", "2001:2:0:100::3")]
     host, port = v.statuses[1]["server_endpoint"].rsplit(":", 1)

@@ -86,7 +86,9 @@ def genkeys() -> Keys:
     return Keys(private, _tool(VPND, "pubkey", stdin=private + "\n"))
 
 
-def write_server_config(path: Path, keys: Keys, clients: list[Keys], *, log_level: str = "verbose") -> Path:
+def write_server_config(path: Path, keys: Keys, clients: list[Keys], *, log_level: str = "verbose",
+                        extra: str = "") -> Path:
+    """A server config; `extra` is more [server] lines (e.g. 'client_to_client = true')."""
     peers = "".join(f'\n[[client]]\npublic_key = "{c.public}"\n' for c in clients)
     path.write_text(
         "[server]\n"
@@ -95,7 +97,7 @@ def write_server_config(path: Path, keys: Keys, clients: list[Keys], *, log_leve
         f'interface = "{SERVER_IF}"\n'
         f'address_pool4 = "{POOL4}"\n'
         f'address_pool6 = "{POOL6}"\n'
-        f'log_level = "{log_level}"\n' + peers)
+        f'log_level = "{log_level}"\n' + extra + peers)
     path.chmod(0o600)
     return path
 
@@ -127,14 +129,14 @@ def _server_ready(topo: Topology, ns: str) -> bool:
 
 
 def start_server(topo: Topology, workdir: Path, keys: Keys | None = None, clients: list[Keys] = (),
-                 *, config: Path | None = None, name: str = "vpnd", timeout: float = 10) -> Daemon:
+                 *, config: Path | None = None, name: str = "vpnd", timeout: float = 10, extra: str = "") -> Daemon:
     """Start `vpnd serve` in the server namespace; returns once its TUN has the pool addresses.
 
     Pass `config` to reuse an existing file (a restart), else `keys` and `clients` to write one.
     """
     workdir = Path(workdir)
     if config is None:
-        config = write_server_config(workdir / f"{name}.toml", keys, list(clients))
+        config = write_server_config(workdir / f"{name}.toml", keys, list(clients), extra=extra)
     log = workdir / f"{name}.log"
     proc = _spawn(topo, topo.server, log, VPND, "serve", "--config", str(config))
     d = Daemon(name, topo.server, config, log, proc, SERVER_IF)

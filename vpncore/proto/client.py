@@ -195,7 +195,7 @@ class ClientConnection:
             self._drop_keypairs()
             self._transition("server-close")
             self._last_initiation = now  # first retry after REKEY_TIMEOUT
-            self._events.append(ServerClosed(msg["reason"]))
+            self._events.append(ServerClosed(msg["reason"], msg.get("retry", True)))
         else:
             if msg["type"] != "config":       # hello is for servers
                 raise BadPacket("control-direction")

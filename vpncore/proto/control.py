@@ -25,7 +25,7 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "hello": {"version": (int, True), "features": (list, False)},
     "config": {"version": (int, True), "ipv4": (str, False), "ipv6": (str, False), "routes": (list, True),
                "mtu": (int, True), "dns": (list, False), "keepalive": (int, False), "features": (list, False)},
-    "close": {"reason": (str, True)},
+    "close": {"reason": (str, True), "retry": (bool, False)},
 }
 
 
@@ -47,12 +47,16 @@ def hello(features=()) -> dict:
     return {"type": "hello", "version": CONTROL_VERSION, "features": list(features)}
 
 
-def close(reason: str) -> dict:
+def close(reason: str, retry: bool = True) -> dict:
     # the limit is in encoded bytes (msgpack's max_str_len), so cut the UTF-8, not the characters
-    return {"type": "close", "reason": reason.encode()[:MAX_STR].decode("utf-8", "ignore")}
+    return {"type": "close", "reason": reason.encode()[:MAX_STR].decode("utf-8", "ignore"), "retry": retry}
 
 
 def _check_field(name: str, value, want: type) -> None:
+    if want is bool:
+        if not isinstance(value, bool):
+            raise BadPacket("control-field")
+        return
     if want is int and (not isinstance(value, int) or isinstance(value, bool)):
         raise BadPacket("control-field")
     if not isinstance(value, want):

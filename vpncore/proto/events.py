@@ -40,8 +40,9 @@ class SessionEnded(Event):
 
 
 class ServerClosed(Event):
-    """Client: the server closed the session with a reason."""
-    __slots__ = ("reason",)
+    """Client: the server closed the session with a reason; `retry` False means do not reconnect
+    (refused by policy: device limit, suspended account)."""
+    __slots__ = ("reason", "retry")
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, reason: str, retry: bool = True):
+        self.reason, self.retry = reason, retry

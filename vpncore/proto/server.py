@@ -109,6 +109,9 @@ class ServerProtocol:
     def is_authorized(self, client_public: bytes) -> bool:
         return client_public in self._authorized
 
+    def authorized_keys(self) -> list[bytes]:
+        return list(self._authorized)
+
     # --- outputs --------------------------------------------------------------
     def datagrams_to_send(self) -> list:
         out = list(self._out)
@@ -305,12 +308,13 @@ class ServerProtocol:
         kp.wipe()
         kp.peer = None
 
-    def end_peer(self, peer: Peer, reason: str, now: float, notify: bool = True) -> None:
-        """End a session: optionally tell the client why, then drop keys, endpoint and timestamp."""
+    def end_peer(self, peer: Peer, reason: str, now: float, notify: bool = True, retry: bool = True) -> None:
+        """End a session: optionally tell the client why (and whether to reconnect), then drop keys,
+        endpoint and timestamp."""
         if self.peers.get(peer.public_key) is not peer:
             return
         if notify:
-            self.send_control(peer, control.close(reason), now)
+            self.send_control(peer, control.close(reason, retry), now)
         for kp in peer.keypairs():
             self._forget_keypair(kp)
         peer.current = peer.previous = peer.next = None
