@@ -5,36 +5,86 @@
     interface = "vpn0"
     control_socket = "/run/vpnclient/vpn0.sock"   # default: /run/vpnclient/<interface>.sock
     persistent_keepalive = 10            # seconds, 0 = off
+    kill_switch = true                   # nftables table inet vpnclient_killswitch ('up --no-kill-switch')
+    resolv_conf = "/etc/resolv.conf"     # the resolver file pointed at the tunnel's DNS while up
+    state_dir = "/var/lib/vpnclient"     # <interface>.json: what to restore after a crash
 
-    [server]
+    [server]                             # one server ...
     endpoint = "198.18.0.1:51820"
     public_key = "..."
     preshared_key = "..."                # optional
+    name = "home"                        # optional here
+    location = "nl"                      # optional here
+
+    [[server]]                           # ... or several (locations), each with name and location
+    name = "ams-1"
+    location = "nl"
+    endpoint = "198.18.0.1:51820"
+    public_key = "..."
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from vpncore.net.udp import parse_hostport
 from vpncore.userror import UserError, check_keys, load_toml, need, parse_key, read_private_key
 
-CLIENT_KEYS = {"private_key", "private_key_file", "interface", "control_socket", "persistent_keepalive"}
-SERVER_KEYS = {"endpoint", "public_key", "preshared_key"}
+CLIENT_KEYS = {"private_key", "private_key_file", "interface", "control_socket", "persistent_keepalive",
+               "kill_switch", "resolv_conf", "state_dir"}
+SERVER_KEYS = {"endpoint", "public_key", "preshared_key", "name", "location"}
 RUN_DIR = "/run/vpnclient"
+STATE_DIR = "/var/lib/vpnclient"
+DEFAULT_CONFIG = "/etc/vpnclient/vpn0.toml"
+MAX_SERVERS = 64
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+_LOCATION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}")
+
+
+@dataclass
+class ServerEntry:
+    """One server the client may use: a location in `vpnclient locations`."""
+
+    name: str
+    location: str
+    host: str
+    port: int
+    public_key: bytes
+    psk: bytes | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"ServerEntry({self.name!r})"
 
 
 @dataclass
 class ClientConfig:
     private_key: bytes
-    server_host: str
+    server_host: str            # the first server (kept for callers that know only one)
     server_port: int
     server_public: bytes
     psk: bytes | None = None
     interface: str = "vpn0"
     control_socket: str = ""
     persistent_keepalive: int = 10
+    kill_switch: bool = True
+    resolv_conf: str = "/etc/resolv.conf"
+    state_dir: str = STATE_DIR
+    servers: list[ServerEntry] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.servers:
+            self.servers = [ServerEntry("server", "", self.server_host, self.server_port, self.server_public,
+                                        self.psk)]
+
+    @property
+    def state_file(self) -> str:
+        return state_file(self.state_dir, self.interface)
 
     def __repr__(self) -> str:
         return "ClientConfig(...)"
@@ -44,25 +94,86 @@ def default_socket(interface: str) -> str:
     return os.path.join(RUN_DIR, f"{interface}.sock")
 
 
+def state_file(state_dir: str, interface: str) -> str:
+    return os.path.join(state_dir, f"{interface}.json")
+
+
+def _server(sv: dict, where: str, listed: bool, index: int) -> ServerEntry:
+    check_keys(sv, SERVER_KEYS, where)
+    key_where = "server" if not listed else f"{where}"
+    host, port = parse_hostport(need(sv, "endpoint", str, where), f"{key_where}.endpoint")
+    if port == 0:
+        raise UserError(f"{key_where}.endpoint needs a port from 1 to 65535")
+    public = parse_key(need(sv, "public_key", str, where), f"{key_where}.public_key")
+    psk = parse_key(sv["preshared_key"], f"{key_where}.preshared_key") if "preshared_key" in sv else None
+    if listed:
+        name = need(sv, "name", str, where)
+        location = need(sv, "location", str, where)
+    else:
+        name = sv.get("name", "server")
+        location = sv.get("location", "")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UserError(f"{where} name must be 1 to 32 letters, digits, '.', '_' or '-' (e.g. \"ams-1\")")
+    if not isinstance(location, str) or (location or listed) and not _LOCATION.fullmatch(location):
+        raise UserError(f"{where} location must be a short code of letters, digits, '_' or '-' (e.g. \"nl\")")
+    return ServerEntry(name, location, host, port, public, psk)
+
+
+def _servers(doc: dict) -> list[ServerEntry]:
+    value = doc.get("server")
+    if value is None:
+        need(doc, "server", dict, "the config file ([server] section)")
+    if isinstance(value, dict):
+        return [_server(value, "[server]", False, 1)]
+    if not isinstance(value, list) or not value:
+        raise UserError("servers are a [server] section, or [[server]] sections with name, location, "
+                        "endpoint and public_key each")
+    if len(value) > MAX_SERVERS:
+        raise UserError(f"the config lists {len(value)} servers; at most {MAX_SERVERS} are supported")
+    out, names = [], set()
+    for i, sv in enumerate(value, 1):
+        where = f"[[server]] number {i}"
+        if not isinstance(sv, dict):
+            raise UserError(f"{where} is not a table; write each server as a [[server]] section")
+        entry = _server(sv, where, True, i)
+        if entry.name.lower() in names:
+            raise UserError(f"{where} repeats the name {entry.name!r}; give each server its own name")
+        names.add(entry.name.lower())
+        out.append(entry)
+    return out
+
+
+def _bool(section: dict, key: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise UserError(f"client.{key} must be true or false")
+    return value
+
+
+def _path(section: dict, key: str, default: str) -> str:
+    value = section.get(key, default)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise UserError(f"client.{key} must be a file system path")
+    return value
+
+
 def load(path: str) -> ClientConfig:
     doc = load_toml(path, "config file")
     check_keys(doc, {"client", "server"}, "the config file")
     cl = need(doc, "client", dict, "the config file ([client] section)")
-    sv = need(doc, "server", dict, "the config file ([server] section)")
     check_keys(cl, CLIENT_KEYS, "[client]")
-    check_keys(sv, SERVER_KEYS, "[server]")
+    servers = _servers(doc)
     key = read_private_key(cl, "[client]", os.path.dirname(os.path.abspath(path)))
-    host, port = parse_hostport(need(sv, "endpoint", str, "[server]"), "server.endpoint")
-    if port == 0:
-        raise UserError("server.endpoint needs a port from 1 to 65535")
-    cfg = ClientConfig(private_key=key, server_host=host, server_port=port,
-                       server_public=parse_key(need(sv, "public_key", str, "[server]"), "server.public_key"))
-    if "preshared_key" in sv:
-        cfg.psk = parse_key(sv["preshared_key"], "server.preshared_key")
+    first = servers[0]
+    cfg = ClientConfig(private_key=key, server_host=first.host, server_port=first.port,
+                       server_public=first.public_key, psk=first.psk, servers=servers)
     cfg.interface = str(cl.get("interface", "vpn0"))
     cfg.control_socket = str(cl.get("control_socket", default_socket(cfg.interface)))
     ka = cl.get("persistent_keepalive", 10)
     if not isinstance(ka, int) or isinstance(ka, bool) or not 0 <= ka <= 3600:
         raise UserError("client.persistent_keepalive must be a number of seconds from 0 (off) to 3600")
     cfg.persistent_keepalive = ka
+    cfg.kill_switch = _bool(cl, "kill_switch", True)
+    cfg.resolv_conf = _path(cl, "resolv_conf", "/etc/resolv.conf")
+    cfg.state_dir = _path(cl, "state_dir", STATE_DIR)
     return cfg

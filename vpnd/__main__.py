@@ -69,11 +69,10 @@ def serve(path: str) -> int:
     from .config import load
     from .server import Server
 
-    from .harden import harden
-
     cfg = load(path)
     if os.geteuid() != 0:
         raise UserError("vpnd serve needs root (it creates a TUN device); run it with sudo or as root", 1)
+    from .harden import harden
     log = Log(PROG, cfg.log_level)
     for warning in harden():
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
