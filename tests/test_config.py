@@ -49,7 +49,7 @@ def test_server_minimal_gets_defaults(tmp_path):
     assert cfg.pool6 is None
     assert cfg.mtu == 1420
     assert cfg.dns == [] and cfg.push_routes == []
-    assert cfg.client_to_client is True
+    assert cfg.client_to_client is False     # issue 5: blocked by default
     assert cfg.log_level == INFO
     assert cfg.clients == []
 
@@ -65,7 +65,7 @@ address_pool6 = "2001:2:0:100::/64"
 mtu = 1380
 dns = ["198.19.0.1", "2001:2:0:100::1"]
 push_routes = ["10.20.0.0/16"]
-client_to_client = false
+client_to_client = true
 log_level = "debug"
 
 [[client]]
@@ -83,7 +83,7 @@ preshared_key = "$psk"
     assert cfg.mtu == 1380
     assert cfg.dns == ["198.19.0.1", "2001:2:0:100::1"]
     assert cfg.push_routes == ["10.20.0.0/16"]
-    assert cfg.client_to_client is False
+    assert cfg.client_to_client is True
     assert cfg.log_level == DEBUG
     assert [(c.public_key, c.psk) for c in cfg.clients] == [(RAW, None), (RAW2, RAW_PSK)]
 
