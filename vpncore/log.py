@@ -25,11 +25,11 @@ EVENTS = {
     "sessions": (VERBOSE, "sessions active"),
     "under-load": (VERBOSE, "handshake load high: cookies required"),
     "drops": (DEBUG, "packets dropped since the last report"),
-    "handshaking": (INFO, "handshaking with the server"),
-    "connected": (INFO, "connected"),
+    "handshaking": (VERBOSE, "handshaking with the server"),    # vpnclient prints its own progress lines (issue 6)
+    "connected": (VERBOSE, "connected"),    # vpnclient prints its own progress lines (issue 6)
     "reconnecting": (INFO, "no answer from the server: reconnecting"),
     "server-closed": (INFO, "the server closed the session"),
-    "config-applied": (INFO, "tunnel configuration applied"),
+    "config-applied": (VERBOSE, "tunnel configuration applied"),    # vpnclient prints its own progress lines (issue 6)
     "harden-warning": (QUIET, "hardening incomplete: see the line above"),
     "stats": (DEBUG, "statistics"),
 }

@@ -80,6 +80,8 @@ def serve(path: str) -> int:
     server = Server(cfg, log, test_hooks=hooks)
     if hooks and os.environ.get("VPND_TEST_REJECT_AFTER"):
         server.proto.reject_after = float(os.environ["VPND_TEST_REJECT_AFTER"])
+    if hooks and os.environ.get("VPND_TEST_FAULT_RATE"):
+        server.fault_rate = float(os.environ["VPND_TEST_FAULT_RATE"])
     try:
         trio.run(server.run)
     except TunError as exc:

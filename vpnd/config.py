@@ -15,6 +15,7 @@
     block_tcp_ports = [25]              # outbound TCP ports clients may not use
     block_server_networks = true        # clients may not reach the server's own/private networks
     blocked_networks = []               # more destinations clients may not reach
+    memory_limit_mb = 512               # over this resident size: no new handshakes (counted)
 
     [plans.free]                        # plans; defaults: free (1 device), plus (5 devices)
     devices = 1
@@ -36,13 +37,16 @@ from dataclasses import dataclass, field
 
 from vpncore.log import LEVELS
 
+from . import dns
 from .policy import DEFAULT_PLANS, Plan
 from vpncore.net.udp import parse_hostport
 from vpncore.userror import UserError, check_keys, load_toml, need, parse_key, read_private_key
 
 SERVER_KEYS = {"private_key", "private_key_file", "listen", "interface", "address_pool4", "address_pool6",
                "mtu", "dns", "push_routes", "client_to_client", "log_level", "control_socket", "accounts",
-               "egress_interface", "block_tcp_ports", "block_server_networks", "blocked_networks"}
+               "egress_interface", "block_tcp_ports", "block_server_networks", "blocked_networks",
+               "memory_limit_mb"}
+SERVER_KEYS |= {"dns_forwarder", "dns_upstream"}     # issue 6: DNS forwarder (vpnd/dns.py)
 PLAN_KEYS = {"devices", "bandwidth_mbit", "new_flows_per_second"}
 # Options other servers have that would record per-connection data: refused by name, with the reason.
 NO_LOG_REFUSED = {"log_file", "logfile", "log_connections", "connection_log", "status_file", "status",
@@ -78,9 +82,12 @@ class ServerConfig:
     block_server_networks: bool = True
     blocked_networks: list[str] = field(default_factory=list)
     plans: dict = field(default_factory=lambda: dict(DEFAULT_PLANS))
+    memory_limit_mb: int = 512
     log_level: int = 1
     control_socket: str = ""
     clients: list[ClientEntry] = field(default_factory=list)
+    dns_forwarder: bool = False                 # set by dns.configure: on unless the config says false
+    dns_upstream: list[tuple[str, int]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return "ServerConfig(...)"
@@ -161,6 +168,7 @@ def load(path: str) -> ServerConfig:
         except ValueError:
             raise UserError(f"server.{key_name} has an invalid entry {x!r}") from None
         setattr(cfg, key_name, items)
+    dns.configure(srv, cfg)
     for name in ("client_to_client", "block_server_networks"):
         if name in srv:
             if not isinstance(srv[name], bool):
@@ -181,6 +189,10 @@ def load(path: str) -> ServerConfig:
     except (ValueError, TypeError):
         raise UserError("server.blocked_networks must be a list of networks like \"10.0.0.0/8\"") from None
     cfg.plans = load_plans(doc.get("plans", {}))
+    limit = srv.get("memory_limit_mb", 512)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 64:
+        raise UserError("server.memory_limit_mb must be a whole number of at least 64")
+    cfg.memory_limit_mb = limit
     level = srv.get("log_level", "info")
     if not isinstance(level, str) or level not in LEVELS:
         raise UserError(f"server.log_level must be one of {', '.join(LEVELS)}")

@@ -31,7 +31,24 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host, p
 
 
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT = getattr(socket, "IP_MTU_DISCOVER", 10), 0
+IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT = getattr(socket, "IPV6_MTU_DISCOVER", 23), 0
+
+
 def tune(sock: socket.socket) -> None:
+    """Big buffers; and no DF bit: over a path with a smaller MTU than the tunnel's datagrams (down
+    to IPv6's 1,280), the kernel fragments them instead of the tunnel stalling on EMSGSIZE."""
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+    except OSError:
+        pass
+    _buffers(sock)
+
+
+def _buffers(sock: socket.socket) -> None:
     for opt, fallback in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, BUFFER_BYTES)

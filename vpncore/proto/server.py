@@ -82,6 +82,7 @@ class ServerProtocol:
         self.by_index: dict = {}                       # local index -> Keypair
         self.under_load = False
         self.reject_after = REJECT_AFTER_TIME     # shortened only by tests (vpnd's test hooks)
+        self.shedding = False     # set by the embedding over its memory cap: no new handshakes
         self.vnet_hdr = vnet_hdr   # our TUN carries virtio_net_hdr: take super-packets, return framed packets
         self._out: deque = deque()
         self._events: deque = deque()
@@ -147,6 +148,8 @@ class ServerProtocol:
                 return index
 
     def _receive_initiation(self, dg: bytes, src: tuple, now: float) -> None:
+        if self.shedding:
+            raise BadPacket("memory-shed")
         unpack_initiation_untrusted(dg)          # length, type and reserved bytes
         # mac1 next: no DH for anyone who does not know our public key
         if not self._checker.mac1_ok(dg):
