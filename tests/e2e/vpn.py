@@ -97,7 +97,8 @@ def write_server_config(path: Path, keys: Keys, clients: list[Keys], *, log_leve
         f'interface = "{SERVER_IF}"\n'
         f'address_pool4 = "{POOL4}"\n'
         f'address_pool6 = "{POOL6}"\n'
-        f'log_level = "{log_level}"\n' + extra + peers)
+        f'log_level = "{log_level}"\n'
+        f'control_socket = "{path.with_suffix(".sock")}"\n' + extra + peers)
     path.chmod(0o600)
     return path
 
@@ -109,6 +110,9 @@ def write_client_config(path: Path, keys: Keys, server_public: str, endpoint: st
         f'private_key = "{keys.private}"\n'
         f'interface = "{interface}"\n'
         f'control_socket = "{socket}"\n'
+        # never the host's /etc/resolv.conf or /var/lib/vpnclient: the test's own folder
+        f'resolv_conf = "{path.with_suffix(".resolv.conf")}"\n'
+        f'state_dir = "{path.parent / (path.stem + "-state")}"\n'
         "\n[server]\n"
         f'endpoint = "{endpoint}"\n'
         f'public_key = "{server_public}"\n')
