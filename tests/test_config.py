@@ -48,7 +48,8 @@ def test_server_minimal_gets_defaults(tmp_path):
     assert cfg.pool4 == ipaddress.ip_network("198.19.0.0/24")
     assert cfg.pool6 is None
     assert cfg.mtu == 1420
-    assert cfg.dns == [] and cfg.push_routes == []
+    assert cfg.push_routes == []
+    assert cfg.dns_forwarder is True and cfg.dns == ["198.19.0.1"]   # issue 6: DNS through the tunnel
     assert cfg.client_to_client is False     # issue 5: blocked by default
     assert cfg.log_level == INFO
     assert cfg.clients == []

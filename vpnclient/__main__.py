@@ -1,16 +1,24 @@
-"""vpnclient command line: genkey, pubkey, up, status, down."""
+"""vpnclient command line: genkey, pubkey, up, status, down, locations."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import sys
 
 from vpncore.keys import genkey, pubkey_from_stdin
 from vpncore.userror import UserError, run_cli
 
 PROG = "vpnclient"
+
+EXIT_CODES = """\
+exit status:
+  0   success ('up': stopped by 'vpnclient down', SIGTERM or Ctrl-C, with everything undone)
+  1   runtime failure: not running, no privileges, network, nftables, the server refused this device
+  2   bad command line or config file (the message says what to fix)
+  70  internal error (a bug; 'up' then leaves the kill switch on: 'vpnclient down' removes it)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,22 +27,31 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="The VPN client.",
-                epilog="exit status: 0 success, 1 runtime failure (not running, no privileges, "
-                       "network), 2 bad command line or config")
+    p = _Parser(prog=PROG, description="The VPN client.", epilog=EXIT_CODES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.add_parser("genkey", help="print a new private key")
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
-    up = sub.add_parser("up", help="connect and run in the foreground until Ctrl-C, SIGTERM or 'down'")
+    up = sub.add_parser("up", help="connect and run in the foreground until Ctrl-C, SIGTERM or 'down'",
+                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--config", "-c", required=True, metavar="FILE")
     up.add_argument("--log-level", choices=["quiet", "info", "verbose", "debug"], default="info")
-    for name, helptext in (("status", "show the tunnel's state"), ("down", "disconnect a running 'up'")):
+    up.add_argument("--location", metavar="CODE", help="use only the servers of this location (see 'locations')")
+    up.add_argument("--fastest", action="store_true",
+                    help="handshake with every server first and use the one with the shortest round trip")
+    up.add_argument("--no-kill-switch", action="store_true",
+                    help="let traffic leave outside the tunnel (default: only the tunnel and the servers)")
+    for name, helptext in (("status", "show the tunnel's state"),
+                           ("down", "disconnect; after a crash, remove the kill switch and restore DNS")):
         s = sub.add_parser(name, help=helptext)
         g = s.add_mutually_exclusive_group()
-        g.add_argument("--config", "-c", metavar="FILE", help="find the control socket from this config")
+        g.add_argument("--config", "-c", metavar="FILE", help="find the control socket (and state) from this config")
         g.add_argument("--socket", metavar="PATH", help="the control socket of the running client")
         if name == "status":
             s.add_argument("--json", action="store_true", help="print JSON for scripts")
+    loc = sub.add_parser("locations", help="list the servers of a config: name, location, endpoint")
+    loc.add_argument("--config", "-c", metavar="FILE", help="the client config (default: /etc/vpnclient/vpn0.toml)")
+    loc.add_argument("--json", action="store_true", help="print JSON for scripts")
     return p
 
 
@@ -47,38 +64,180 @@ def _socket_path(args) -> str:
     return default_socket("vpn0")
 
 
+def _running(path: str) -> bool:
+    """Something answers on the control socket (a live `up`)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def _user_error_only(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_user_error_only(e) for e in exc.exceptions)
+    return isinstance(exc, (UserError, KeyboardInterrupt))
+
+
 def up(args) -> int:
     import trio
 
     from vpncore.log import LEVELS, Log
 
-    from .client import Client
+    from . import locations
+    from .client import Client, new_connection
     from .config import load
+    from .guard import Guard
 
     cfg = load(args.config)
+    chosen = locations.select(cfg.servers, args.location)
     if os.geteuid() != 0:
         raise UserError("vpnclient up needs root (it creates a TUN device); run it with sudo or as root", 1)
-    client = Client(cfg, Log(PROG, LEVELS[args.log_level]), out=lambda line: print(line, flush=True))
-    trio.run(client.run)
-    return client.exit_status
+    if _running(cfg.control_socket):
+        raise UserError(f"another vpnclient is already running with control socket {cfg.control_socket}; "
+                        f"stop it with 'vpnclient down' or set a different control_socket", 1)
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    guard = Guard(cfg, kill_switch=cfg.kill_switch and not args.no_kill_switch, out=out)
+    cache = guard.recover()
+    out(f"vpnclient: resolving {len(cfg.servers)} server endpoint{'s' if len(cfg.servers) > 1 else ''}")
+    every, cache = locations.resolve(cfg.servers, cache, out)
+    targets = [t for t in every if t.server in chosen]
+    if not targets:
+        raise UserError("none of the chosen servers' endpoints resolves; check the network or choose "
+                        "another location", 1)
+    client = None
+    try:
+        guard.engage([t.address for t in every], cache)   # every location: failover needs no rule change
+
+        async def main():
+            nonlocal client, targets
+            conn = None
+            if args.fastest:
+                out(f"vpnclient: measuring handshake round trips to {len(targets)} server"
+                    f"{'s' if len(targets) > 1 else ''}")
+                targets, conn = await locations.measure(targets, lambda s: new_connection(cfg, s))
+                for line in locations.format_rtts(targets):
+                    out(line)
+                if conn is None:
+                    out("vpnclient: no server answered within "
+                        f"{locations.MEASURE_TIMEOUT:g} s; trying them in config order")
+            client = Client(cfg, Log(PROG, LEVELS[args.log_level]), out=out, targets=targets, conn=conn,
+                            guard=guard)
+            await client.run()
+
+        trio.run(main)
+    except BaseException as exc:
+        if _user_error_only(exc):          # an orderly failure: undo everything, then the one line
+            for line in guard.release():
+                out(line)
+        else:                              # a bug: fail closed, keep the kill switch and the resolver
+            print(f"{PROG}: the kill switch and the DNS settings stay in place; "
+                  f"'vpnclient down --config {args.config}' removes them", file=sys.stderr, flush=True)
+        raise
+    for line in guard.release():
+        out(line)
+    out("vpnclient: disconnected")
+    return client.exit_status if client is not None else 0
 
 
 def format_status(st: dict) -> str:
     age = st.get("handshake_age_s")
+    server = st.get("server") or "-"
+    if st.get("location"):
+        server += f" ({st['location']})"
+    blocked = st.get("kill_switch_blocked")
+    ks = "on" if st.get("kill_switch") else "off"
+    if st.get("kill_switch") and blocked is not None:
+        ks += f", {blocked} packets blocked"
     rows = [
         ("interface", st.get("interface") or "-"),
         ("state", st.get("state")),
-        ("server", st.get("server_endpoint")),
+        ("server", server),
+        ("endpoint", st.get("server_endpoint")),
         ("latest handshake", "never" if age is None else f"{age} s ago"),
         ("addresses", ", ".join(st.get("addresses") or []) or "-"),
         ("routes", ", ".join(st.get("routes") or []) or "-"),
         ("mtu", st.get("mtu") or "-"),
         ("dns", ", ".join(st.get("dns") or []) or "-"),
+        ("resolver", st.get("resolver") or "unchanged"),
+        ("kill switch", ks),
+        ("failovers", f"{st.get('failovers', 0)} (of {st.get('servers', 1)} servers)"),
         ("bytes in", st.get("bytes_in")),
         ("bytes out", st.get("bytes_out")),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def status(args) -> int:
+    from .client import query
+    answer = query(_socket_path(args), "status")
+    if answer.get("kill_switch") and os.geteuid() == 0:
+        from . import killswitch
+        try:
+            answer["kill_switch_blocked"] = killswitch.blocked_packets()
+        except UserError:
+            pass
+    print(json.dumps(answer) if args.json else format_status(answer))
+    return 0
+
+
+def _state_owner(path: str) -> str | None:
+    from . import state
+    try:
+        data = state.load(path)
+    except UserError:
+        return None
+    return data.get("control_socket") if data else None
+
+
+def down(args) -> int:
+    import time
+    from types import SimpleNamespace
+
+    from .client import query
+    from .config import STATE_DIR, load, state_file
+    from .guard import undo_crashed_run
+
+    cfg = load(args.config) if args.config else SimpleNamespace(state_file=state_file(STATE_DIR, "vpn0"))
+    path = _socket_path(args)
+    if not _running(path):
+        # no client: undo what a crashed or killed one left (kill switch, resolver)
+        if undo_crashed_run(cfg, _running, out=print):
+            print("vpnclient: no client was running; removed what the last run left behind")
+            return 0
+    query(path, "down")                # with nothing running: the usual "not running" line
+    deadline = time.monotonic() + 10
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.exists(path):
+        raise UserError("vpnclient did not stop within 10 s; end it with SIGTERM", 1)
+    deadline = time.monotonic() + 5       # the client undoes its changes after closing its socket
+    while _state_owner(cfg.state_file) == path and time.monotonic() < deadline:
+        time.sleep(0.05)
+    undo_crashed_run(cfg, _running, out=print)     # normally nothing left: the client undid everything
+    print("vpnclient: disconnected")
+    return 0
+
+
+def list_locations(args) -> int:
+    from .config import DEFAULT_CONFIG, load
+    cfg = load(args.config or DEFAULT_CONFIG)
+    if args.json:
+        print(json.dumps([{"name": s.name, "location": s.location, "endpoint": s.endpoint}
+                          for s in cfg.servers]))
+        return 0
+    rows = [("NAME", "LOCATION", "ENDPOINT")] + [(s.name, s.location or "-", s.endpoint) for s in cfg.servers]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
 
 
 def main(argv=None) -> int:
@@ -90,20 +249,12 @@ def main(argv=None) -> int:
         print(pubkey_from_stdin())
     elif args.cmd == "up":
         return up(args)
-    elif args.cmd in ("status", "down"):
-        from .client import query
-        answer = query(_socket_path(args), args.cmd)
-        if args.cmd == "status":
-            print(json.dumps(answer) if args.json else format_status(answer))
-        else:
-            import time
-            path = _socket_path(args)
-            deadline = time.monotonic() + 10
-            while os.path.exists(path) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if os.path.exists(path):
-                raise UserError("vpnclient did not stop within 10 s; end it with SIGTERM", 1)
-            print("vpnclient: disconnected")
+    elif args.cmd == "status":
+        return status(args)
+    elif args.cmd == "down":
+        return down(args)
+    elif args.cmd == "locations":
+        return list_locations(args)
     else:
         parser.print_help()
         return 2

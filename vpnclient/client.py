@@ -13,32 +13,48 @@ from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_connected
+from vpncore.proto import control
 from vpncore.proto.constants import VNET_HDR_LEN
 from vpncore.proto.client import ClientConnection
 from vpncore.proto.events import ControlReceived, HandshakeCompleted, ServerClosed
 from vpncore.userror import UserError
 
-from .config import ClientConfig
+from .config import ClientConfig, ServerEntry
+from .locations import PROBE, SWITCH, Failover, Target, open_socket
 from .system import Applied
 
-# Reads per wakeup. Small on purpose: a TUN read can be a 64 KiB super-packet (~60 us of work), and
-# while one loop runs the other direction waits; these caps keep that wait near a millisecond
-# (ping p99 under load), at one extra trio checkpoint (~7 us) per batch. Tunable for experiments.
-TUN_BATCH = int(os.environ.get("VPN_TUN_BATCH", 8))
-UDP_BATCH = int(os.environ.get("VPN_UDP_BATCH", 16))
+# Reads per wakeup before the loop yields to the other direction. Measured (bench, ping p99 under a
+# TCP upload): caps of 8/16 did not lower latency and cost throughput, so the caps are only a bound.
+# Overridable for experiments (VPN_TUN_BATCH, VPN_UDP_BATCH).
+TUN_BATCH = int(os.environ.get("VPN_TUN_BATCH", 256))
+UDP_BATCH = int(os.environ.get("VPN_UDP_BATCH", 256))
 TICK = 0.2
 TUN_READ_SIZE = 65536 + VNET_HDR_LEN
 INITIAL_MTU = 1420
 
 
+def new_connection(cfg: ClientConfig, server: ServerEntry, rng=os.urandom) -> ClientConnection:
+    """The sans-IO connection to one server (one per server: failover builds a new one)."""
+    return ClientConnection(private_key=cfg.private_key, server_public=server.public_key, rng=rng,
+                            psk=server.psk, wall_offset=time.time() - time.monotonic(),
+                            persistent_keepalive=cfg.persistent_keepalive, vnet_hdr=True)
+
+
 class Client:
-    def __init__(self, cfg: ClientConfig, log: Log, rng=os.urandom, out=print):
+    def __init__(self, cfg: ClientConfig, log: Log, rng=os.urandom, out=print, *, targets=None, conn=None,
+                 guard=None):
         self.cfg = cfg
         self.log = log
         self.out = out
-        self.conn = ClientConnection(private_key=cfg.private_key, server_public=cfg.server_public, rng=rng,
-                                     psk=cfg.psk, wall_offset=time.time() - time.monotonic(),
-                                     persistent_keepalive=cfg.persistent_keepalive, vnet_hdr=True)
+        self._rng = rng
+        # servers in failover order (locations.py); by default the config's first, resolved on open()
+        self.targets = targets or [Target(s, s.host, s.port) for s in cfg.servers[:1]]
+        self.failover = Failover(len(self.targets), time.monotonic())
+        self.guard = guard            # guard.Guard: kill switch and resolver, or None
+        self.conn = conn or new_connection(cfg, self.targets[0].server, rng)
+        self._switch = trio.Event()
+        self._connect_started = time.monotonic()
+        self._announced = None        # the connection whose first handshake was reported
         self.tun = None
         self.sock = None
         self.udp = None
@@ -51,8 +67,12 @@ class Client:
     def __repr__(self) -> str:
         return "<vpnclient Client>"
 
+    @property
+    def target(self) -> Target:
+        return self.targets[self.failover.index]
+
     def open(self) -> None:
-        self.sock, self.endpoint = open_connected(self.cfg.server_host, self.cfg.server_port)
+        self.sock, self.endpoint = open_connected(self.target.host, self.target.port)
         self.udp = Udp(self.sock)
         try:
             self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
@@ -77,13 +97,17 @@ class Client:
         try:
             listener = self._open_control_socket()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._udp_loop)
-                nursery.start_soon(self._tun_loop)
+                nursery.start_soon(self._pump)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._signal_loop)
                 nursery.start_soon(self._control_loop, listener)
-                self.log.event("handshaking")
-                self.conn.connect(time.monotonic())
+                if self.conn.state == "idle":
+                    self.log.event("handshaking")
+                    self.out(f"vpnclient: handshaking with {self.target.label} at {self.target.endpoint}")
+                    self.conn.connect(time.monotonic())
+                else:                               # `up --fastest` hands in an established one
+                    self._announced = self.conn
+                    self.out(f"vpnclient: connected to {self.target.label}; configuring")
                 self._flush()
                 task_status.started(self)
                 await self._stop.wait()
@@ -98,6 +122,17 @@ class Client:
         self._stop.set()
 
     # --- loops ---------------------------------------------------------------------
+    async def _pump(self) -> None:
+        """The two hot loops; restarted (their bodies unchanged) when failover swaps conn and socket."""
+        while True:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._udp_loop)
+                nursery.start_soon(self._tun_loop)
+                await self._switch.wait()
+                nursery.cancel_scope.cancel()
+            self._switch = trio.Event()
+            self._swap()
+
     async def _signal_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
@@ -148,6 +183,33 @@ class Client:
             self.conn.handle_timer(time.monotonic())
             self._handle_events()
             self._flush()
+            self._failover_tick()
+
+    # --- failover (policy in locations.Failover) -------------------------------------------------
+    def _failover_tick(self) -> None:
+        now = time.monotonic()
+        action = self.failover.decide(self.conn.state == "established", self.conn.last_rx, now)
+        if action == PROBE:     # vpnd answers a hello with the session's config: proof of life
+            self.conn.send_control(control.hello(self.conn.features), now)
+            self._flush()
+        elif action == SWITCH:
+            self._switch.set()  # _pump stops the loops, then calls _swap
+
+    def _swap(self) -> None:
+        """Close the connection to the current server; a new connection and socket for the next."""
+        now = time.monotonic()
+        old, why = self.target, "closed the session" if self.failover.closed else "stopped answering"
+        self.conn.close(now, "client moved to another server")
+        self._flush()
+        self.sock.close()
+        new = self.targets[self.failover.switched(now)]
+        self.out(f"vpnclient: {old.label} {why}; switching to {new.label} at {new.endpoint}")
+        self.sock, self.endpoint = open_socket(new, self.out)
+        self.udp = Udp(self.sock)
+        self.conn = new_connection(self.cfg, new.server, self._rng)
+        self._connect_started = now
+        self.conn.connect(now)
+        self._flush()
 
     def _flush(self) -> None:
         for dg in self.conn.datagrams_to_send():
@@ -159,13 +221,23 @@ class Client:
                 if not self.connected_once:
                     self.log.event("connected")
                 self.connected_once = True
+                if self._announced is not self.conn:
+                    self._announced = self.conn
+                    ms = (time.monotonic() - self._connect_started) * 1000
+                    self.out(f"vpnclient: connected to {self.target.label} (handshake {ms:.1f} ms); configuring")
             elif isinstance(ev, ControlReceived) and ev.msg["type"] == "config":
                 if self.applied.apply(ev.msg):
                     self.log.event("config-applied")
                     self.out(f"vpnclient: tunnel up on {self.applied.ifname}: {', '.join(self.applied.addresses)}")
+                if self.guard is not None:
+                    for line in self.guard.apply(self.applied.addresses, self.applied.dns):
+                        self.out(line)
             elif isinstance(ev, ServerClosed):
                 self.log.event("server-closed")
-                if not ev.retry:       # refused by policy: reconnecting would be refused again
+                if ev.retry and self.failover.enabled:
+                    self.failover.server_closed()
+                    self.out(f"vpnclient: {self.target.label} closed the session: {ev.reason}; switching servers")
+                elif not ev.retry:       # refused by policy: reconnecting would be refused again
                     self.out(f"vpnclient: the server refused this device: {ev.reason}")
                     self.exit_status = 1
                     self._stop.set()
@@ -189,6 +261,12 @@ class Client:
             "mtu": self.applied.mtu if self.applied else None,
             "dns": list(self.applied.dns) if self.applied else [],
             "drops": sum(c.drops.values()),
+            "server": self.target.server.name,
+            "location": self.target.server.location,
+            "servers": len(self.targets),
+            "failovers": self.failover.switches,
+            "kill_switch": bool(self.guard and self.guard.kill_switch),
+            "resolver": (self.guard.state["resolver"] or {}).get("path") if self.guard else None,
         }
 
     def _open_control_socket(self):

@@ -78,7 +78,7 @@ def system_upstreams(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 words = line.split()
-                if len(words) >= 2 and words[0] == "nameserver":
+                if len(words) >= 2 and words[0] == "nameserver" and "%" not in words[1]:
                     try:
                         found.append((str(ipaddress.ip_address(words[1])), PORT))
                     except ValueError:
@@ -175,6 +175,10 @@ class DnsForwarder:
             s.close()
         self._udp_socks.clear()
         self._tcp_socks.clear()
+
+    def bound(self) -> tuple[list, list]:
+        """(UDP, TCP) socket addresses actually bound (port 0 picks one: tests)."""
+        return [s.getsockname()[:2] for s in self._udp_socks], [s.getsockname()[:2] for s in self._tcp_socks]
 
     def statistics(self) -> dict:
         return dict(sorted(self.counters.items()))
