@@ -69,6 +69,8 @@ def parse(text: str, path: str) -> dict[str, Account]:
                 k = parse_key(d, "device key")
             except UserError:
                 raise _bad(path, "bad device key") from None
+            if k in keys:
+                raise _bad(path, "a device key is listed twice in one account")
             if k in seen:
                 raise _bad(path, "a device key belongs to two accounts")
             seen[k] = aid
@@ -140,6 +142,12 @@ def locked(path: str):
         raise UserError(f"cannot open the accounts registry's directory {directory!r}; run as root", 1) from None
     try:
         fcntl.flock(dfd, fcntl.LOCK_EX)
+        for name in os.listdir(directory):     # temp files of writers that crashed mid-write
+            if name.startswith(".accounts-"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
         yield load(path)
     finally:
         os.close(dfd)

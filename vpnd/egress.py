@@ -68,6 +68,7 @@ class Egress:
         self.extra = extra_blocked
         self.active = False
         self._sets: dict[int, tuple[str, str]] = {}
+        self._forwarding_was_off: list[str] = []
 
     def __repr__(self) -> str:
         return f"Egress({self.table})"
@@ -105,27 +106,43 @@ class Egress:
         self.active = True
         if self.egress:
             for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
-                subprocess.run(["sysctl", "-q", "-w", f"{key}=1"], capture_output=True, timeout=10)
+                r = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=10)
+                if r.stdout.strip() == "0":
+                    self._forwarding_was_off.append(key)
+                    subprocess.run(["sysctl", "-q", "-w", f"{key}=1"], capture_output=True, timeout=10)
 
     def stop(self, quiet: bool = False) -> None:
         r = subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, text=True,
                            timeout=10) if _have_nft() else None
         self.active = False
         self._sets.clear()
+        for key in self._forwarding_was_off:   # forwarding back as we found it (clean stops only)
+            subprocess.run(["sysctl", "-q", "-w", f"{key}=0"], capture_output=True, timeout=10)
+        self._forwarding_was_off.clear()
         if r is not None and r.returncode != 0 and not quiet and "No such file" not in r.stderr:
             raise UserError(f"could not remove nftables table {self.table}", 1)
 
     # --- per-account new-flow caps ------------------------------------------------------------
-    def flow_cap(self, slot: int, per_second: int) -> str:
-        """The nft script that creates account slot `slot`'s sets and its limit rules."""
+    def account_slot(self, slot: int, per_second: int) -> str:
+        """The nft script for a new account slot: its address sets, a chain the forward chain jumps
+        to for its addresses, and (if capped) its new-flow limit rules in that chain."""
         s4, s6 = f"acct{slot}_v4", f"acct{slot}_v6"
         self._sets[slot] = (s4, s6)
         return (f"add set inet {self.table} {s4} {{ type ipv4_addr; }}\n"
                 f"add set inet {self.table} {s6} {{ type ipv6_addr; }}\n"
-                f"add rule inet {self.table} forward ip saddr @{s4} ct state new "
-                f"limit rate over {per_second}/second burst {per_second} packets counter drop comment \"flow-cap\"\n"
-                f"add rule inet {self.table} forward ip6 saddr @{s6} ct state new "
-                f"limit rate over {per_second}/second burst {per_second} packets counter drop comment \"flow-cap\"\n")
+                f"add chain inet {self.table} acct{slot}\n"
+                f"add rule inet {self.table} forward ip saddr @{s4} jump acct{slot}\n"
+                f"add rule inet {self.table} forward ip6 saddr @{s6} jump acct{slot}\n"
+                + self.flow_cap(slot, per_second))
+
+    def flow_cap(self, slot: int, per_second: int) -> str:
+        """The nft script that (re)sets account slot `slot`'s new-flow cap; 0 = no cap."""
+        script = f"flush chain inet {self.table} acct{slot}\n"
+        if per_second:
+            for fam in ("ipv4", "ipv6"):
+                script += (f"add rule inet {self.table} acct{slot} meta nfproto {fam} ct state new limit rate "
+                           f"over {per_second}/second burst {per_second} packets counter drop comment \"flow-cap\"\n")
+        return script
 
     def element(self, slot: int, address, add: bool) -> str:
         s4, s6 = self._sets[slot]

@@ -33,8 +33,11 @@ class TokenBucket:
 
     __slots__ = ("rate", "burst", "tokens", "stamp")
 
-    def __init__(self, mbit: float, burst_seconds: float = 0.05):
+    def __init__(self, mbit: float, burst_seconds: float = 0.25):
         self.rate = mbit * 1e6 / 8
+        # A burst of 0.25 s: the cap drops whole super-packets (up to 64 KiB, ~45 TCP segments), and
+        # with 0.05 s TCP stalled on retransmission timeouts at a quarter of the rate (measured:
+        # ~5 Mbit/s on a 20 Mbit/s plan; 0.25 s gave 18.7-21.3).
         self.burst = max(self.rate * burst_seconds, 2 * 65536 + 1500)
         self.tokens = self.burst
         self.stamp = time.monotonic()
@@ -113,9 +116,8 @@ class Policy:
         from .accounts import load as load_registry
         if self.cfg.accounts is None:
             return
-        stamp = self._file_stamp()
+        self._stamp = self._file_stamp()       # also on failure: re-read only when it changes again
         self.accounts = load_registry(self.cfg.accounts)
-        self._stamp = stamp
         self.key_account = {k: a.id for a in self.accounts.values() for k in a.devices}
 
     def authorized(self) -> dict[bytes, bytes | None]:
@@ -145,8 +147,8 @@ class Policy:
         if state is None:
             self._slots += 1
             state = self.live[aid] = AccountState(aid, plan, self._slots)
-            if plan.new_flows_per_second and self.egress is not None:
-                self.nft_script.append(self.egress.flow_cap(state.slot, plan.new_flows_per_second))
+            if self.egress is not None:
+                self.nft_script.append(self.egress.account_slot(state.slot, plan.new_flows_per_second))
         if len(state.sessions) >= plan.devices:
             return None, (f"device limit reached: plan {plan.name!r} allows {plan.devices} "
                           f"device{'s' if plan.devices != 1 else ''} at a time")
@@ -154,14 +156,14 @@ class Policy:
         return state, None
 
     def addresses_added(self, state: AccountState, addresses) -> None:
-        if state is not None and state.plan.new_flows_per_second and self.egress is not None:
+        if state is not None and self.egress is not None:
             self.nft_script.extend(self.egress.element(state.slot, a, True) for a in addresses)
 
     def release(self, state: AccountState | None, peer, addresses) -> None:
         if state is None:
             return
         state.sessions.discard(peer)
-        if state.plan.new_flows_per_second and self.egress is not None:
+        if self.egress is not None:
             self.nft_script.extend(self.egress.element(state.slot, a, False) for a in addresses)
 
     def to_end(self) -> list[tuple[object, str]]:
@@ -177,6 +179,8 @@ class Policy:
                 plan = self.cfg.plans.get(acct.plan)
                 if plan is not None and plan is not state.plan:
                     state.plan = plan          # a plan change applies from now on
+                    if self.egress is not None:
+                        self.nft_script.append(self.egress.flow_cap(state.slot, plan.new_flows_per_second))
                     if plan.bandwidth_mbit > 0:
                         state.up, state.down = TokenBucket(plan.bandwidth_mbit), TokenBucket(plan.bandwidth_mbit)
                     else:
