@@ -20,7 +20,7 @@ from vpncore.proto.events import ControlReceived, HandshakeCompleted, ServerClos
 from vpncore.userror import UserError
 
 from .config import ClientConfig, ServerEntry
-from .locations import PROBE, SWITCH, Failover, Target, open_socket
+from .locations import NOTICE, PROBE, SWITCH, Failover, Target, open_socket
 from .system import Applied
 
 # Reads per wakeup before the loop yields to the other direction. Measured (bench, ping p99 under a
@@ -194,6 +194,9 @@ class Client:
             self._flush()
         elif action == SWITCH:
             self._switch.set()  # _pump stops the loops, then calls _swap
+        elif action == NOTICE:
+            self.out(f"vpnclient: no answer from {self.target.label} at {self.target.endpoint} yet; still trying"
+                     + (" (the kill switch holds)" if self.guard is not None and self.guard.kill_switch else ""))
 
     def _swap(self) -> None:
         """Close the connection to the current server; a new connection and socket for the next."""

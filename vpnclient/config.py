@@ -98,9 +98,9 @@ def state_file(state_dir: str, interface: str) -> str:
     return os.path.join(state_dir, f"{interface}.json")
 
 
-def _server(sv: dict, where: str, listed: bool, index: int) -> ServerEntry:
+def _server(sv: dict, where: str, listed: bool) -> ServerEntry:
     check_keys(sv, SERVER_KEYS, where)
-    key_where = "server" if not listed else f"{where}"
+    key_where = "server" if not listed else where
     host, port = parse_hostport(need(sv, "endpoint", str, where), f"{key_where}.endpoint")
     if port == 0:
         raise UserError(f"{key_where}.endpoint needs a port from 1 to 65535")
@@ -124,7 +124,7 @@ def _servers(doc: dict) -> list[ServerEntry]:
     if value is None:
         need(doc, "server", dict, "the config file ([server] section)")
     if isinstance(value, dict):
-        return [_server(value, "[server]", False, 1)]
+        return [_server(value, "[server]", False)]
     if not isinstance(value, list) or not value:
         raise UserError("servers are a [server] section, or [[server]] sections with name, location, "
                         "endpoint and public_key each")
@@ -135,7 +135,7 @@ def _servers(doc: dict) -> list[ServerEntry]:
         where = f"[[server]] number {i}"
         if not isinstance(sv, dict):
             raise UserError(f"{where} is not a table; write each server as a [[server]] section")
-        entry = _server(sv, where, True, i)
+        entry = _server(sv, where, True)
         if entry.name.lower() in names:
             raise UserError(f"{where} repeats the name {entry.name!r}; give each server its own name")
         names.add(entry.name.lower())
