@@ -11,12 +11,13 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
+from vpncore.net.gsosize import GsoGovernor
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_connected
 from vpncore.proto import control
 from vpncore.proto.constants import VNET_HDR_LEN
 from vpncore.proto.client import ClientConnection
-from vpncore.proto.events import ControlReceived, HandshakeCompleted, ServerClosed
+from vpncore.proto.events import ControlReceived, HandshakeCompleted, LossReported, ServerClosed
 from vpncore.userror import UserError
 
 from .config import ClientConfig, ServerEntry
@@ -56,6 +57,7 @@ class Client:
         self._connect_started = time.monotonic()
         self._announced = None        # the connection whose first handshake was reported
         self.tun = None
+        self.gso = None
         self.sock = None
         self.udp = None
         self.endpoint = None
@@ -82,6 +84,7 @@ class Client:
             self.close()
             raise UserError(str(exc), 1) from None
         self.applied = Applied(self.tun.name)
+        self.gso = GsoGovernor(self.tun.name)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -90,6 +93,7 @@ class Client:
         if self.tun is not None:
             self.tun.close()     # removes the device with every address and route we added
             self.tun = None
+        self.gso = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.tun is None:   # bench/micro hands in a fake TUN and a loopback socket
@@ -184,6 +188,8 @@ class Client:
             self._handle_events()
             self._flush()
             self._failover_tick()
+            if self.gso is not None and self.gso.pending is not None:
+                await self.gso.apply()
 
     # --- failover (policy in locations.Failover) -------------------------------------------------
     def _failover_tick(self) -> None:
@@ -235,6 +241,9 @@ class Client:
                 if self.guard is not None:
                     for line in self.guard.apply(self.applied.addresses, self.applied.dns):
                         self.out(line)
+            elif isinstance(ev, LossReported):
+                if self.gso is not None:
+                    self.gso.report(ev.done, ev.lost)
             elif isinstance(ev, ServerClosed):
                 self.log.event("server-closed")
                 if ev.retry and self.failover.enabled:

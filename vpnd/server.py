@@ -20,10 +20,11 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
+from vpncore.net.gsosize import GsoGovernor
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_listener
 from vpncore.proto.constants import CONTROL_VERSION, FEATURE_SUPERPACKET, MSG_INITIATION, VNET_HDR_LEN
-from vpncore.proto.events import ControlReceived, SessionEnded, SessionStarted
+from vpncore.proto.events import ControlReceived, LossReported, SessionEnded, SessionStarted
 from vpncore.proto.server import ServerProtocol
 
 from vpncore.userror import UserError
@@ -90,6 +91,7 @@ class Server:
         self._initiations = 0
         self._stop = trio.Event()
         self._listener = None
+        self.gso = None                  # set when the TUN is open (bench/micro runs without)
         self._egress_seen: dict[str, int] = {}
         self.dns = None                  # DnsForwarder on the tunnel addresses (issue 6), opened in open()
 
@@ -109,6 +111,7 @@ class Server:
                                                    "stop it first or set a different control_socket")
         self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
         name = self.tun.name
+        self.gso = GsoGovernor(name)
         tunlib.set_mtu(name, self.cfg.mtu)
         tunlib.link_up(name)
         for pool in self.pools:
@@ -298,6 +301,8 @@ class Server:
             self._handle_events(now)
             self._flush()
             self._account()
+            if self.gso is not None and self.gso.pending is not None:
+                await self.gso.apply()
             if self.policy.nft_script:
                 script, self.policy.nft_script = "".join(self.policy.nft_script), []
                 if not await trio.to_thread.run_sync(self.egress.apply, script):
@@ -365,6 +370,9 @@ class Server:
                 self._start_session(ev.peer, now)
             elif isinstance(ev, SessionEnded):
                 self._end_session(ev.peer)
+            elif isinstance(ev, LossReported):
+                if self.gso is not None:
+                    self.gso.report(ev.done, ev.lost)
             elif isinstance(ev, ControlReceived):
                 if ev.msg["type"] == "hello" and ev.peer.app is not None:
                     self.proto.send_control(ev.peer, self._config_for(ev.peer), now)

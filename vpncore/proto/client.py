@@ -17,11 +17,11 @@ from . import control
 from .constants import (
     VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
     MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
-    REKEY_TIMEOUT, SUPER_MAX_FRAGMENTS,
+    REKEY_TIMEOUT, SUPER_MAX_FRAGMENTS, LOSS_REPORT_INTERVAL,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
-from .events import ControlReceived, HandshakeCompleted, ServerClosed
+from .events import ControlReceived, HandshakeCompleted, LossReported, ServerClosed
 from .handshake import consume_response, create_initiation
 from .noise import public_key
 from .gso import ZERO_VNET_HDR, segment
@@ -73,6 +73,7 @@ class ClientConnection:
         self.last_rx = self.last_tx = None
         self._unanswered_since = None   # first data sent after the last authenticated receive
         self._data_rx_since = None      # first data received since our last send (passive keepalive)
+        self._last_loss_report = 0.0
         self.rx_bytes = self.tx_bytes = 0
         self.drops: Counter[str] = Counter()
 
@@ -196,6 +197,8 @@ class ClientConnection:
             self._transition("server-close")
             self._last_initiation = now  # first retry after REKEY_TIMEOUT
             self._events.append(ServerClosed(msg["reason"], msg.get("retry", True)))
+        elif msg["type"] == "loss":
+            self._events.append(LossReported(msg["done"], msg["lost"]))
         else:
             if msg["type"] != "config":       # hello is for servers
                 raise BadPacket("control-direction")
@@ -282,6 +285,11 @@ class ClientConnection:
     def handle_timer(self, now: float) -> None:
         if self.state in (IDLE, CLOSED):
             return
+        if self.current is not None and now - self._last_loss_report >= LOSS_REPORT_INTERVAL:
+            self._last_loss_report = now
+            done, lost = control.take_loss((self.current, self.previous))
+            if done or lost:
+                self.send_control(control.loss(done, lost), now)
         if self.previous is not None and now - self.previous.created >= REJECT_AFTER_TIME:
             self.previous.wipe()
             self.previous = None

@@ -26,6 +26,7 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "config": {"version": (int, True), "ipv4": (str, False), "ipv6": (str, False), "routes": (list, True),
                "mtu": (int, True), "dns": (list, False), "keepalive": (int, False), "features": (list, False)},
     "close": {"reason": (str, True), "retry": (bool, False)},
+    "loss": {"done": (int, True), "lost": (int, True)},
 }
 
 
@@ -41,6 +42,22 @@ def encode(msg: dict) -> bytes:
     except BadPacket as exc:
         raise ValueError(f"control message would be refused ({exc.reason})") from None
     return plain
+
+
+def loss(done: int, lost: int) -> dict:
+    """A receiver's report: multi-fragment super-packets completed and lost since the last one."""
+    return {"type": "loss", "done": min(done, 2**31), "lost": min(lost, 2**31)}
+
+
+def take_loss(keypairs) -> tuple[int, int]:
+    """Sum and reset the super-packet counters of `keypairs` (None entries ignored)."""
+    done = lost = 0
+    for kp in keypairs:
+        if kp is not None:
+            done += kp.super_done
+            lost += kp.super_lost
+            kp.super_done = kp.super_lost = 0
+    return done, lost
 
 
 def hello(features=()) -> dict:

@@ -39,6 +39,14 @@ class SessionEnded(Event):
         self.peer, self.reason = peer, reason
 
 
+class LossReported(Event):
+    """The peer reported how many of our super-packets it completed and lost (§6.3 `loss`)."""
+    __slots__ = ("done", "lost", "peer")
+
+    def __init__(self, done: int, lost: int, peer=None):
+        self.done, self.lost, self.peer = done, lost, peer
+
+
 class ServerClosed(Event):
     """Client: the server closed the session with a reason; `retry` False means do not reconnect
     (refused by policy: device limit, suspended account)."""

@@ -18,12 +18,12 @@ from typing import Callable
 
 from . import control
 from .constants import (
-    FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
+    FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, LOSS_REPORT_INTERVAL, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
     MSG_TRANSPORT, REJECT_AFTER_TIME, SUPER_MAX_FRAGMENTS, VNET_HDR_LEN,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
-from .events import ControlReceived, SessionEnded, SessionStarted
+from .events import ControlReceived, LossReported, SessionEnded, SessionStarted
 from .handshake import ZERO_PSK, consume_initiation, create_response
 from .noise import public_key
 from .gso import ZERO_VNET_HDR, segment
@@ -83,6 +83,7 @@ class ServerProtocol:
         self.under_load = False
         self.reject_after = REJECT_AFTER_TIME     # shortened only by tests (vpnd's test hooks)
         self.shedding = False     # set by the embedding over its memory cap: no new handshakes
+        self._last_loss_report = 0.0
         self.vnet_hdr = vnet_hdr   # our TUN carries virtio_net_hdr: take super-packets, return framed packets
         self._out: deque = deque()
         self._events: deque = deque()
@@ -203,6 +204,8 @@ class ServerProtocol:
             msg = control.decode_untrusted(plain)
             if msg["type"] == "close":
                 self.end_peer(peer, "closed by client", now, notify=False)
+            elif msg["type"] == "loss":
+                self._events.append(LossReported(msg["done"], msg["lost"], peer))
             else:
                 if msg["type"] != "hello":       # config is for clients
                     raise BadPacket("control-direction")
@@ -288,8 +291,16 @@ class ServerProtocol:
 
     # --- timers and teardown -------------------------------------------------------
     def handle_timer(self, now: float) -> None:
-        """Expire keypairs at REJECT_AFTER_TIME, end peers left without keys, send passive keepalives."""
+        """Expire keypairs at REJECT_AFTER_TIME, end peers left without keys, send passive keepalives
+        and super-packet loss reports."""
+        report = now - self._last_loss_report >= LOSS_REPORT_INTERVAL
+        if report:
+            self._last_loss_report = now
         for peer in list(self.peers.values()):
+            if report and peer.current is not None:
+                done, lost = control.take_loss((peer.current, peer.previous, peer.next))
+                if done or lost:
+                    self.send_control(peer, control.loss(done, lost), now)
             for kp in peer.keypairs():
                 if now - kp.created >= self.reject_after:
                     self._forget_keypair(kp)

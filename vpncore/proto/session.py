@@ -30,7 +30,8 @@ class Keypair:
     """One direction pair of transport keys from one handshake (memory only)."""
 
     __slots__ = ("_seal", "_open", "_keys", "local_index", "remote_index", "send_counter",
-                 "replay", "created", "initiator", "peer", "partial", "__weakref__")
+                 "replay", "created", "initiator", "peer", "partial", "super_done", "super_lost",
+                 "__weakref__")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
                  created: float, initiator: bool):
@@ -45,6 +46,7 @@ class Keypair:
         self.initiator = initiator
         self.peer = None
         self.partial = None   # super-packet reassembly: {counter: [fragments, missing]}
+        self.super_done = self.super_lost = 0   # multi-fragment super-packets completed / evicted
 
     def __repr__(self) -> str:
         return f"<Keypair #{self.local_index:08x}>"

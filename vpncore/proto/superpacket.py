@@ -76,6 +76,7 @@ def receive_fragment(kp, datagram: bytes, no: int, n: int, counter: int):
             raise BadPacket("fragment-oversize")
         if len(partial) >= SUPER_MAX_PARTIAL:
             del partial[min(partial)]      # evict the oldest incomplete super-packet
+            kp.super_lost += 1
         entry = partial[counter] = [[None] * n, n, 0]
     parts, missing, held = entry
     if len(parts) != n:
@@ -92,6 +93,7 @@ def receive_fragment(kp, datagram: bytes, no: int, n: int, counter: int):
         entry[1], entry[2] = missing, held
         return None
     del partial[counter]
+    kp.super_done += 1
     # the AD is fragment 0's header as the sender built it: its receiver index is our local index
     header = _pack_header(MSG_TRANSPORT, KIND_SUPER, 0, n, kp.local_index, counter)
     return kp.open_with_header(header, counter, b"".join(parts))
