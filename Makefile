@@ -4,7 +4,7 @@ PY = $(VENV)/bin/python
 SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump
 SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump
 
-.PHONY: all deps-system venv test demo clean deps-bench bench bench-quick
+.PHONY: all deps-system venv test soak demo clean deps-bench bench bench-quick
 
 all: test
 
@@ -29,7 +29,12 @@ $(VENV)/.stamp: pyproject.toml
 	touch $@
 
 test: deps-system venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/soak
+
+# Long attack and fault tests (tests/soak, about 15 minutes) and the parsers' fuzz at 50,000 examples
+# each (about 10 minutes): run by hand, not in CI.
+soak: deps-system venv
+	VPN_SOAK=1 VPN_FUZZ_EXAMPLES=50000 $(PY) -m pytest -q tests/soak tests/test_parsers_fuzz.py
 
 demo: deps-system venv
 	$(PY) -m tests.e2e.demo
