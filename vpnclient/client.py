@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -41,6 +42,10 @@ def new_connection(cfg: ClientConfig, server: ServerEntry, rng=os.urandom) -> Cl
                             persistent_keepalive=cfg.persistent_keepalive, vnet_hdr=True)
 
 
+# send errors that mean our source address is gone: re-open the socket (roaming from our side)
+_REBIND_ERRNOS = (errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL)
+
+
 class Client:
     def __init__(self, cfg: ClientConfig, log: Log, rng=os.urandom, out=print, *, targets=None, conn=None,
                  guard=None):
@@ -54,6 +59,7 @@ class Client:
         self.guard = guard            # guard.Guard: kill switch and resolver, or None
         self.conn = conn or new_connection(cfg, self.targets[0].server, rng)
         self._switch = trio.Event()
+        self._rebind = False         # on _switch: re-open the socket instead of changing server
         self._connect_started = time.monotonic()
         self._announced = None        # the connection whose first handshake was reported
         self.tun = None
@@ -135,7 +141,11 @@ class Client:
                 await self._switch.wait()
                 nursery.cancel_scope.cancel()
             self._switch = trio.Event()
-            self._swap()
+            if self._rebind:
+                self._rebind = False
+                self._reopen_socket()
+            else:
+                self._swap()
 
     async def _signal_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -188,6 +198,10 @@ class Client:
             self._handle_events()
             self._flush()
             self._failover_tick()
+            if self.udp is not None and self.udp.last_errno in _REBIND_ERRNOS and not self._switch.is_set():
+                self.udp.last_errno = 0
+                self._rebind = True
+                self._switch.set()
             if self.gso is not None and self.gso.pending is not None:
                 await self.gso.apply()
 
@@ -203,6 +217,14 @@ class Client:
         elif action == NOTICE:
             self.out(f"vpnclient: no answer from {self.target.label} at {self.target.endpoint} yet; still trying"
                      + (" (the kill switch holds)" if self.guard is not None and self.guard.kill_switch else ""))
+
+    def _reopen_socket(self) -> None:
+        """Our own underlay address went away: same server, same session, a new socket (the server
+        follows the new source on the first authenticated packet, SPEC §8.5)."""
+        self.sock.close()
+        self.sock, self.endpoint = open_socket(self.target, self.out)
+        self.udp = Udp(self.sock)
+        self._flush()
 
     def _swap(self) -> None:
         """Close the connection to the current server; a new connection and socket for the next."""

@@ -26,11 +26,12 @@ _GRO = struct.Struct("=i")
 class Udp:
     """A non-blocking UDP socket with GSO/GRO where the kernel has them; counters, never exceptions."""
 
-    __slots__ = ("sock", "gso", "gro", "errors")
+    __slots__ = ("sock", "gso", "gro", "errors", "last_errno")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.errors = 0
+        self.last_errno = 0     # of the latest failed send (the client re-opens on ENETUNREACH etc.)
         try:
             sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             self.gro = True
@@ -87,12 +88,18 @@ class Udp:
             except BlockingIOError:
                 self.errors += 1
             except OSError as exc:
-                if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                if exc.errno == errno.EMSGSIZE:
+                    # segments larger than the route's MTU: one datagram each, which the kernel
+                    # fragments (the tunnel sockets do not set DF)
+                    for f in group:
+                        self._send_one(f, addr)
+                elif exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
                     self.gso = False          # no UDP GSO here: per-datagram from now on
                     for f in group:
                         self._send_one(f, addr)
                 else:
                     self.errors += 1
+                    self.last_errno = exc.errno
 
     def _send_one(self, frame: bytes, addr) -> None:
         try:
@@ -100,5 +107,6 @@ class Udp:
                 self.sock.send(frame)
             else:
                 self.sock.sendto(frame, addr)
-        except OSError:
+        except OSError as exc:
             self.errors += 1
+            self.last_errno = exc.errno or 0
