@@ -31,8 +31,8 @@ $(VENV)/.stamp: pyproject.toml
 test: deps-system venv
 	$(PY) -m pytest -q tests --ignore=tests/soak
 
-# Long attack and fault tests (tests/soak, about 15 minutes) and the parsers' fuzz at 50,000 examples
-# each (about 10 minutes): run by hand, not in CI.
+# Long attack and fault tests (tests/soak, about 6 minutes) and the parsers' fuzz at 50,000 examples
+# each (about 9 minutes): run by hand, not in CI.
 soak: deps-system venv
 	VPN_SOAK=1 VPN_FUZZ_EXAMPLES=50000 $(PY) -m pytest -q tests/soak tests/test_parsers_fuzz.py
 
