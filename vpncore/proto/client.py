@@ -17,16 +17,16 @@ from . import control
 from .constants import (
     VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
     MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
-    REKEY_TIMEOUT, SUPER_MAX_FRAGMENTS, LOSS_REPORT_INTERVAL,
+    REKEY_TIMEOUT, LOSS_REPORT_INTERVAL,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
 from .events import ControlReceived, HandshakeCompleted, LossReported, ServerClosed
 from .handshake import consume_response, create_initiation
 from .noise import public_key
-from .gso import ZERO_VNET_HDR, segment
+from .gso import ZERO_VNET_HDR
 from .session import ip_packet_length, pad
-from .superpacket import parse_fragment, receive_fragment, seal_fragments
+from .superpacket import parse_fragment, receive_fragment, seal_read
 from .wire import unpack_transport_header_untrusted
 
 IDLE, HANDSHAKING, ESTABLISHED, CLOSED = "idle", "handshaking", "established", "closed"
@@ -230,10 +230,7 @@ class ClientConnection:
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        if self.peer_super and data[1] and len(data) + 32 <= chunk * SUPER_MAX_FRAGMENTS:  # a GSO super-packet
-            frames = seal_fragments(kp, pad(data), chunk)
-        else:
-            frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
+        frames = seal_read(kp, data, chunk, self.peer_super)
         self.last_tx = now
         self._data_rx_since = None
         if self._unanswered_since is None:

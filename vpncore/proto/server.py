@@ -19,16 +19,16 @@ from typing import Callable
 from . import control
 from .constants import (
     FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, LOSS_REPORT_INTERVAL, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
-    MSG_TRANSPORT, REJECT_AFTER_TIME, SUPER_MAX_FRAGMENTS, VNET_HDR_LEN,
+    MSG_TRANSPORT, REJECT_AFTER_TIME, VNET_HDR_LEN,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
 from .events import ControlReceived, LossReported, SessionEnded, SessionStarted
 from .handshake import ZERO_PSK, consume_initiation, create_response
 from .noise import public_key
-from .gso import ZERO_VNET_HDR, segment
+from .gso import ZERO_VNET_HDR
 from .session import ip_packet_length, pad
-from .superpacket import parse_fragment, receive_fragment, seal_fragments
+from .superpacket import parse_fragment, receive_fragment, seal_read
 from .wire import unpack_initiation_untrusted, unpack_transport_header_untrusted
 
 # Peer session states and their one table of transitions (SPEC §8.2).
@@ -270,10 +270,7 @@ class ServerProtocol:
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        if peer.super and data[1] and len(data) + 32 <= chunk * SUPER_MAX_FRAGMENTS:  # a GSO super-packet
-            frames = seal_fragments(kp, pad(data), chunk)
-        else:
-            frames = [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
+        frames = seal_read(kp, data, chunk, peer.super)
         peer.last_tx = now
         peer.data_rx_since = None
         self.tx_bytes += len(data)

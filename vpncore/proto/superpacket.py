@@ -24,8 +24,10 @@ from .constants import (
     KIND_SUPER, MSG_TRANSPORT, REJECT_AFTER_MESSAGES, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL, SUPER_MAX_PLAINTEXT,
     TRANSPORT_HEADER_LEN,
 )
+from .constants import KIND_DATA
 from .errors import BadPacket
-from .session import NONCE
+from .gso import segment
+from .session import NONCE, pad
 
 FRAG_HEADER = struct.Struct("<BBBBIQ")
 _MAX_CIPHERTEXT = SUPER_MAX_PLAINTEXT + 16
@@ -48,6 +50,16 @@ def seal_fragments(kp, plaintext: bytes, chunk: int) -> list[bytes]:
         return [_pack_header(MSG_TRANSPORT, KIND_SUPER, 0, 1, rid, c) + ct]
     return [_pack_header(MSG_TRANSPORT, KIND_SUPER, i, n, rid, c) + ct[i * chunk:(i + 1) * chunk]
             for i in range(n)]
+
+
+def seal_read(kp, data: bytes, chunk: int, peer_takes_super: bool) -> list[bytes]:
+    """The datagrams for one TUN read (virtio_net_hdr + packet), the sender's choice of §5.5/§5.6:
+    a GSO super-packet to a peer that takes them (and that fits in SUPER_MAX_FRAGMENTS) is sealed
+    once and fragmented; anything else is checksummed and segmented in software, one kind-0
+    message per packet."""
+    if peer_takes_super and data[1] and len(data) + 32 <= chunk * SUPER_MAX_FRAGMENTS:
+        return seal_fragments(kp, pad(data), chunk)
+    return [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
 
 
 def parse_fragment(datagram: bytes) -> tuple[int, int, int, int]:
