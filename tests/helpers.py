@@ -132,10 +132,16 @@ def connect(server, client, src, now: float, link=None) -> None:
     assert client.public in server.peers
 
 
+MIN_CONFIG = {"type": "config", "version": 1, "routes": [], "dns": [], "mtu": 1420}
+
+
 def established_pair(seed=0, now: float = 0.0, **kw):
-    """pair() plus a completed handshake at `now`; events of the handshake are drained."""
+    """pair() plus a completed handshake at `now`, answered by a config as vpnd's policy layer does
+    (else the client keeps re-sending its hello); events of the handshake are drained."""
     server, client, src = pair(seed, **kw)
     connect(server, client, src, now)
+    server.send_control(server.peers[client.public], MIN_CONFIG, now)
+    shuttle(server, client, src, now)
     drain_events(server)
     drain_events(client)
     return server, client, src

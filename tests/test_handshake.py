@@ -12,7 +12,7 @@ from vpncore.proto.client import ClientConnection
 from vpncore.proto.constants import (
     CONSTRUCTION, COOKIE_REPLY_LEN, DEAD_PEER_TIMEOUT, IDENTIFIER, INITIATION_LEN, KIND_DATA, MSG_COOKIE_REPLY,
     MSG_INITIATION, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_TIMEOUT,
-    RESPONSE_LEN, TRANSPORT_MIN_LEN,
+    RESPONSE_LEN, TRANSPORT_MIN_LEN, HELLO_RETRY_TIMEOUT,
 )
 from vpncore.proto.cookie import CookieGenerator
 from vpncore.proto.events import ControlReceived, HandshakeCompleted, ServerClosed, SessionEnded, SessionStarted
@@ -23,8 +23,8 @@ from vpncore.proto.session import pad
 from vpncore.proto.timestamp import tai64n
 
 from tests.helpers import (
-    C2S, S2C, blocking_link, drain_events, established_pair, fire_timers, ipv4_packet, ipv6_packet,
-    LOW_ORDER_POINTS, keypair_from, lossy_link, pair, run_until, seeded_rng, server_send, shuttle, udp_payload,
+    C2S, MIN_CONFIG, S2C, blocking_link, drain_events, established_pair, fire_timers, ipv4_packet, ipv6_packet,
+    LOW_ORDER_POINTS, keypair_from, lossy_link, pair, run_until, seeded_rng, server_send, shuttle, tick, udp_payload,
 )
 
 LOW_IDS = ["zero", "one", "order8-a", "order8-b", "p-1", "p", "p+1"]
@@ -157,10 +157,17 @@ def test_ip_builders_make_valid_headers():
 
 # --- rekey and expiry ----------------------------------------------------------------------------------
 
-def _traffic(server, client, sent_up: list, sent_down: list, seen: dict):
+def _traffic(server, client, sent_up: list, sent_down: list, seen: dict, server_events: list | None = None):
+    """Data both ways each step; with `server_events`, the server's events are collected there and
+    every hello is answered with a config, as vpnd's policy layer does."""
     peer = server.peers[client.public]
 
     def each(now):
+        if server_events is not None:
+            for ev in drain_events(server):
+                server_events.append(ev)
+                if isinstance(ev, ControlReceived) and ev.msg["type"] == "hello":
+                    server.send_control(ev.peer, MIN_CONFIG, now)
         seen.setdefault(client.current.local_index if client.current else None, now)
         k = len(sent_up)
         up = ipv4_packet(payload=udp_payload(20 + k % 50, k))
@@ -179,8 +186,8 @@ def test_rekey_at_120s_without_loss_and_old_keypair_until_it_ages_out():
     server, client, src = established_pair(seed=4)
     peer = server.peers[client.public]
     first = client.current
-    sent_up, sent_down, seen = [], [], {}
-    each = _traffic(server, client, sent_up, sent_down, seen)
+    sent_up, sent_down, seen, server_events = [], [], {}, []
+    each = _traffic(server, client, sent_up, sent_down, seen, server_events)
 
     to_server, to_client = run_until(server, client, src, 0.5, 150.0, step=0.5, each=each)
     assert to_server == sent_up and to_client == sent_down          # nothing lost across the switch
@@ -192,8 +199,8 @@ def test_rekey_at_120s_without_loss_and_old_keypair_until_it_ages_out():
     assert peer.current.local_index == client.current.remote_index != first.remote_index
     assert peer.previous.local_index == first.remote_index
     assert [type(e) for e in drain_events(client) if not isinstance(e, ControlReceived)] == [HandshakeCompleted]
-    sev = drain_events(server)
-    assert [e.msg["type"] for e in sev if isinstance(e, ControlReceived)] == ["hello"]
+    sev = server_events + drain_events(server)
+    assert [e.msg["type"] for e in sev if isinstance(e, ControlReceived)] == ["hello"]   # answered at once
     assert not any(isinstance(e, (SessionStarted, SessionEnded)) for e in sev)
 
     # the old keypair is still accepted in both directions until REJECT_AFTER_TIME after its creation
@@ -463,21 +470,17 @@ def test_under_load_cookie_reply_then_mac2_succeeds():
     log: list = []
     client.connect(0.0)
     shuttle(server, client, src, 0.0, recording_link(log))
-    first, = of_type(log, C2S, MSG_INITIATION)
+    first, second = of_type(log, C2S, MSG_INITIATION)
     reply, = of_type(log, S2C, MSG_COOKIE_REPLY)
     assert first[3][-16:] == bytes(16)                  # no cookie yet: mac2 is zero
     assert len(reply[3]) == COOKIE_REPLY_LEN and reply[2] == src
     assert wire.unpack_cookie_reply_untrusted(reply[3]).receiver == wire.unpack_initiation_untrusted(first[3]).sender
-    assert server.drops["cookie-sent"] == 1
-    assert server.peers == {} and server.by_index == {}
-    assert client.state == "handshaking" and sum(client.drops.values()) == 0   # the reply was consumed
-
-    log.clear()
-    run_until(server, client, src, 1.0, REKEY_TIMEOUT, step=1.0, link=recording_link(log))
-    second, = of_type(log, C2S, MSG_INITIATION)
-    assert second[3][-16:] != bytes(16)                 # mac2 with the cookie
-    assert of_type(log, S2C, MSG_COOKIE_REPLY) == []
-    assert client.state == "established" and server.drops["cookie-sent"] == 1
+    # the client sent the initiation again at once (not after REKEY_TIMEOUT), with mac2 from the cookie
+    assert log.index(second) > log.index(reply)
+    assert second[3][-16:] != bytes(16)
+    assert wire.unpack_initiation_untrusted(second[3]).sender != wire.unpack_initiation_untrusted(first[3]).sender
+    assert server.drops["cookie-sent"] == 1              # the first was dropped, the second accepted
+    assert client.state == "established" and sum(client.drops.values()) == 0
     assert isinstance(drain_events(server)[0], SessionStarted)
 
     # a replayed cookie reply is refused once no handshake is pending
@@ -485,17 +488,25 @@ def test_under_load_cookie_reply_then_mac2_succeeds():
     assert client.drops["cookie-unexpected"] == 1
 
 
-def test_cookie_is_bound_to_the_source_address():
+def test_cookie_is_bound_to_the_source_address_and_the_retry_does_not_loop():
     server, client, src = pair(seed=16)
     server.under_load = True
     client.connect(0.0)
-    shuttle(server, client, src, 0.0)
-    assert server.drops["cookie-sent"] == 1
+    first, = client.datagrams_to_send()
+    server.receive_datagram(first, src, 0.0)
+    (_, reply), = server.datagrams_to_send()
+    assert client.receive_datagram(reply, 0.0) is None
+    retry, = client.datagrams_to_send()                   # at once, with mac2 for `src`
     moved = ("198.18.7.7", 40000)
-    run_until(server, client, moved, 1.0, REKEY_TIMEOUT, step=1.0)   # retry comes from elsewhere
-    assert server.drops["cookie-sent"] == 2 and server.peers == {}
-    run_until(server, client, moved, REKEY_TIMEOUT + 1, 2 * REKEY_TIMEOUT, step=1.0)
+    server.receive_datagram(retry, moved, 0.0)             # ... but it arrives from elsewhere
+    (ep, reply2), = server.datagrams_to_send()
+    assert ep == moved and server.drops["cookie-sent"] == 2 and server.peers == {}
+    assert client.receive_datagram(reply2, 0.0) is None
+    assert client.datagrams_to_send() == []               # one immediate retry per interval: no loop
+    assert client.get_timer() == REKEY_TIMEOUT
+    run_until(server, client, moved, 1.0, REKEY_TIMEOUT, step=1.0)   # the timer's retry, from `moved`
     assert client.state == "established" and server.peers[client.public].endpoint == moved
+    assert server.drops["cookie-sent"] == 2
 
 
 def test_cookie_reply_for_another_index_is_refused():
@@ -738,3 +749,46 @@ def test_psk_must_match():
     assert client.state == "handshaking" and client.drops["aead"] == 1
     assert server.peers[client.public].state == "new"     # never confirmed: no SessionStarted
     assert drain_events(server) == []
+
+
+# --- the hello is sent again until a config arrives ----------------------------------------------------
+
+def _hellos(server) -> list:
+    return [e for e in drain_events(server) if isinstance(e, ControlReceived) and e.msg["type"] == "hello"]
+
+
+def test_a_lost_hello_is_sent_again_until_a_config_arrives():
+    server, client, src = pair(seed=40)
+    lost = {"n": 0}
+
+    def drop_first_two_controls(dg):      # the first two transport messages from the client: hellos
+        if dg[0] == MSG_TRANSPORT and lost["n"] < 2:
+            lost["n"] += 1
+            return True
+        return False
+    link = blocking_link(c2s=drop_first_two_controls)
+    client.connect(0.0)
+    shuttle(server, client, src, 0.0, link)
+    assert client.state == "established" and lost["n"] == 1
+    assert server.peers[client.public].state == "new"           # unconfirmed: the hello was lost
+    assert client.get_timer() == pytest.approx(HELLO_RETRY_TIMEOUT)
+    tick(server, client, src, HELLO_RETRY_TIMEOUT, link)          # second hello: lost too
+    assert lost["n"] == 2 and _hellos(server) == []
+    tick(server, client, src, 2 * HELLO_RETRY_TIMEOUT, link)      # third: arrives, confirms the keypair
+    peer = server.peers[client.public]
+    assert peer.state == "live" and len(_hellos(server)) == 1
+    # no config yet: the hello keeps coming, once per HELLO_RETRY_TIMEOUT
+    tick(server, client, src, 3 * HELLO_RETRY_TIMEOUT, link)
+    assert len(_hellos(server)) == 1
+    server.send_control(peer, MIN_CONFIG, 3.0)
+    shuttle(server, client, src, 3.0, link)
+    assert any(isinstance(e, ControlReceived) and e.msg["type"] == "config" for e in drain_events(client))
+    # with the config in, nothing more: the next deadline is the rekey, not a hello
+    run_until(server, client, src, 3.5, 10.0, step=0.5, link=link)
+    assert _hellos(server) == [] and client.get_timer() == REKEY_AFTER_TIME
+
+
+def test_no_hello_is_resent_once_configured():
+    server, client, src = established_pair(seed=41)
+    run_until(server, client, src, 0.5, 20.0, step=0.5)
+    assert _hellos(server) == []

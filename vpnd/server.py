@@ -43,6 +43,11 @@ TUN_BATCH = int(os.environ.get("VPN_TUN_BATCH", 256))
 UDP_BATCH = int(os.environ.get("VPN_UDP_BATCH", 256))
 TICK = 0.25
 UNDER_LOAD_INITIATIONS_PER_TICK = 64
+# Cookie replies per tick under load (24,576/s). One costs ~7 us of Python plus a sendto: this bounds
+# what a flood of valid-mac1 initiations can take from the data path (~30% of a core); beyond it,
+# initiations are dropped unanswered ("cookie-budget"), and a legitimate client's chance of a reply
+# to one initiation is this budget over the flood's rate.
+COOKIE_REPLIES_PER_TICK = 6144
 TUN_READ_SIZE = 65536 + VNET_HDR_LEN
 # offsets of the inner addresses behind the virtio_net_hdr
 V4_SRC, V4_DST, V6_SRC, V6_DST = VNET_HDR_LEN + 12, VNET_HDR_LEN + 16, VNET_HDR_LEN + 8, VNET_HDR_LEN + 24
@@ -89,6 +94,8 @@ class Server:
         self.socks: list[socket.socket] = []
         self._udp_by_family: dict[int, Udp] = {}
         self._initiations = 0
+        self._send_errors = 0            # Udp.errors already counted in the day's figures
+        self._udps: list[Udp] = []       # one per socket, made when the loops start
         self._stop = trio.Event()
         self._listener = None
         self.gso = None                  # set when the TUN is open (bench/micro runs without)
@@ -145,7 +152,11 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 for s in self.socks:
-                    nursery.start_soon(self._udp_loop, self._udp_by_family.get(s.family) or Udp(s))
+                    udp = self._udp_by_family.get(s.family)
+                    if udp is None or udp.sock is not s:
+                        udp = Udp(s)
+                    self._udps.append(udp)
+                    nursery.start_soon(self._udp_loop, udp)
                 nursery.start_soon(self._tun_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._signal_loop)
@@ -290,6 +301,7 @@ class Server:
             if load and not self.proto.under_load:
                 self.log.event("under-load")
             self.proto.under_load = load
+            self.proto.cookie_budget = COOKIE_REPLIES_PER_TICK
             self._initiations = 0
             shed = resident_bytes() > self.cfg.memory_limit_mb << 20
             if shed and not self.proto.shedding:
@@ -333,6 +345,10 @@ class Server:
         self._reported = (rx, tx)
         self.stats.add_drops(self.proto.drops)
         self.proto.drops.clear()
+        errors = sum(u.errors for u in self._udps)
+        if errors > self._send_errors:        # failed sends and receives on the tunnel sockets
+            self.counters["udp-error"] += errors - self._send_errors
+            self._send_errors = errors
         self.stats.add_drops(self.counters)
         self.counters.clear()
         self.stats.add_account_bytes(self.policy.take_bytes())

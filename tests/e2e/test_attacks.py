@@ -44,15 +44,6 @@ BAD_SRC = "198.18.1.66"          # the bad-keys sender: an extra address on the 
 FIGURES: dict[str, dict] = {}
 
 
-class Defect(AssertionError):
-    """A check that fails because of a known defect (the xfail tests expect exactly this; any other
-    failure, e.g. of the harness, still fails them)."""
-
-
-def expect(condition: bool, detail) -> None:
-    if not condition:
-        raise Defect(detail)
-
 
 def report(name: str, **figures) -> None:
     """Print a test's measured figures (shown with -s, and in the failure output)."""
@@ -565,6 +556,9 @@ def handshake_flood(site: Site, rate: float, measure_s: float, connect_wait: flo
     topo, srv = site.topo, site.server
     wd = site.workdir
     iperf = H.Iperf(topo)
+    # warm-up: the super-packet size starts at 16 KiB and grows after 3 clean loss reports (SPEC §6.3),
+    # so a cold first baseline would understate the throughput the flood is compared with
+    iperf.run(topo.clients[0], 4, *iperf_args)
     base1 = H.Iperf.tcp_mbit(iperf.run(topo.clients[0], measure_s, *iperf_args))
     drops0 = srv.drops()
     link = site.attacker_link()
@@ -575,11 +569,12 @@ def handshake_flood(site: Site, rate: float, measure_s: float, connect_wait: flo
     try:
         time.sleep(1.0)
         active_flooded = srv.active()          # one client, and no session from the flood
-        # a new legitimate client (its own namespace) starts connecting as the measurement starts;
-        # a thread notes when it is up (status polled every 0.1 s)
+        under = H.Iperf.tcp_mbit(iperf.run(topo.clients[0], measure_s, *iperf_args))
+        # then, still under the flood, a new legitimate client (its own namespace) connects; a thread
+        # notes when it is up (status polled every 0.1 s). Not during the throughput measurement:
+        # starting a client process (interpreter, TUN, routes) costs CPU that is not the flood's.
         late = site.client(1, len(site.client_keys) - 1)
         watch = H.ConnectWatch(topo, late, limit=connect_wait)
-        under = H.Iperf.tcp_mbit(iperf.run(topo.clients[0], measure_s, *iperf_args))
         connected_in = watch.join()
         checked = H.Transfer(topo, topo.clients[0], wd, 20 << 20, 5601, 61).start().finish(timeout=120)
         flood_alive = flood.poll() is None
@@ -609,7 +604,7 @@ def flood_run(tmp_path_factory):
     topo = Topology(clients=3)
     try:
         site = Site(topo, tmp_path_factory.mktemp("hsflood"), real=1)
-        r = handshake_flood(site, rate=21_000, measure_s=4, connect_wait=8)
+        r = handshake_flood(site, rate=21_000, measure_s=6, connect_wait=8)
         report("handshake-flood", **r)
         yield r
     finally:
@@ -627,31 +622,17 @@ def test_handshake_flood_engages_cookies(flood_run):
     assert r["new_client_connected_eventually_s"] is not None and r["active_at_end"] == 2, r
 
 
-@pytest.mark.xfail(strict=True, raises=Defect, reason=(
-    "vpnd spends ~25 us of Python per flood initiation under load (mac1 + mac2 + a cookie reply with "
-    "XChaCha20 + sendto; vpncore/proto/server.py _receive_initiation, cookie.py): 11k-21k/s fill its one "
-    "core, the socket overflows and the client's datagrams are lost with the flood's. Measured 0.00-0.59 "
-    "of the baseline (uncapped TCP). Needs a cookie-reply budget per tick and a cheaper cookie path."))
 def test_handshake_flood_existing_client_keeps_70_percent(flood_run):
-    expect(flood_run["kept"] >= 0.70, flood_run)
+    assert flood_run["kept"] >= 0.70, flood_run
 
 
-@pytest.mark.xfail(strict=True, raises=Defect, reason=(
-    "a client that gets a cookie reply waits REKEY_TIMEOUT (5 s) before it sends the initiation again "
-    "with mac2 (vpncore/proto/client.py receive_datagram, MSG_COOKIE_REPLY branch), so under load no new "
-    "client can connect in under 5 s; and flood-induced socket loss of that retry costs 5 s more."))
 def test_handshake_flood_new_client_connects_within_5s(flood_run):
-    expect(flood_run["new_client_connected_s"] is not None and flood_run["new_client_connected_s"] <= 5.0, flood_run)
+    r = flood_run
+    assert r["new_client_connected_s"] is not None and r["new_client_connected_s"] <= 5.0, r
 
 
 # --- a lost hello (found by the handshake flood: socket loss there ate a new client's hello) -----
 
-@pytest.mark.xfail(strict=True, raises=Defect, reason=(
-    "the client sends its hello (the first transport message, which confirms the session and asks for "
-    "the config) once, right after the handshake response (vpncore/proto/client.py _receive_response), "
-    "and nothing sends it again while no config has arrived (vpnclient's PROBE only runs with several "
-    "servers: vpnclient/locations.py Failover.decide): one lost hello leaves the client 'established' "
-    "without addresses until the rekey at 120 s. Seen under the handshake flood (socket loss)."))
 def test_lost_hello_client_still_gets_its_config(tmp_path):
     require_root()
     topo = Topology(clients=1)
@@ -678,6 +659,7 @@ def test_lost_hello_client_still_gets_its_config(tmp_path):
         connected = watch.join()
         report("lost-hello", hellos_dropped=lost, config_within_10s_after=connected,
                last_status={k: watch.last.get(k) for k in ("state", "addresses", "handshake_age_s")})
-        expect(connected is not None, watch.last)
+        # the hello is sent again every HELLO_RETRY_TIMEOUT (1 s) until a config arrives
+        assert connected is not None and connected <= 3.0, watch.last
     finally:
         topo.close()

@@ -17,7 +17,7 @@ from . import control
 from .constants import (
     VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
     MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
-    REKEY_TIMEOUT, LOSS_REPORT_INTERVAL,
+    REKEY_TIMEOUT, LOSS_REPORT_INTERVAL, HELLO_RETRY_TIMEOUT,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
@@ -67,6 +67,8 @@ class ClientConnection:
         self.state = IDLE
         self.current = self.previous = self.pending = None
         self._last_initiation = None
+        self._cookie_retried = False    # the one immediate retry after a cookie reply was sent
+        self._hello_at = None           # hello sent on the current keypair and no config yet: when
         self._out: deque[bytes] = deque()
         self._events: deque = deque()
         self.last_handshake = None      # monotonic time of the last completed handshake
@@ -100,7 +102,8 @@ class ClientConnection:
         self._transition("connect")
         self._send_initiation(now)
 
-    def _send_initiation(self, now: float) -> None:
+    def _send_initiation(self, now: float, cookie_retry: bool = False) -> None:
+        self._cookie_retried = cookie_retry
         if self.pending is not None:
             self.pending.noise.wipe()
         index = int.from_bytes(self._rng(4), "little")
@@ -122,7 +125,12 @@ class ClientConnection:
         self._unanswered_since = None
         self._transition("response")
         self._events.append(HandshakeCompleted())
-        # the first transport message confirms the keypair to the responder
+        # the first transport message confirms the keypair to the responder; it is sent again every
+        # HELLO_RETRY_TIMEOUT until a config arrives (a lost hello would leave us without addresses)
+        self._send_hello(now)
+
+    def _send_hello(self, now: float) -> None:
+        self._hello_at = now
         self.send_control(control.hello(self.features), now)
 
     # --- transport ---------------------------------------------------------------
@@ -140,6 +148,10 @@ class ClientConnection:
                 if self.pending is None:
                     raise BadPacket("cookie-unexpected")
                 self._macs.consume_reply(dg, now, self.pending.index)
+                # the server is under load and dropped our initiation: send it again at once with
+                # mac2 (once per retransmission interval, so a stream of replies cannot make us loop)
+                if not self._cookie_retried:
+                    self._send_initiation(now, cookie_retry=True)
             else:
                 raise BadPacket("type")
         except BadPacket as exc:
@@ -203,6 +215,7 @@ class ClientConnection:
             if msg["type"] != "config":       # hello is for servers
                 raise BadPacket("control-direction")
             self.peer_super = FEATURE_SUPERPACKET in msg.get("features", ())
+            self._hello_at = None
             self._events.append(ControlReceived(msg))
 
     def encrypt(self, packet: bytes, now: float) -> bytes | None:
@@ -265,6 +278,8 @@ class ClientConnection:
         if self.state in (IDLE, CLOSED):
             return None
         t = [kp.created + REJECT_AFTER_TIME for kp in (self.current, self.previous) if kp is not None]
+        if self._hello_at is not None and self.current is not None:
+            t.append(self._hello_at + HELLO_RETRY_TIMEOUT)
         if self.pending is not None or self.current is None:
             # while a handshake is pending, handle_timer only retransmits and expires keys
             t.append((self._last_initiation or 0) + REKEY_TIMEOUT)
@@ -295,6 +310,8 @@ class ClientConnection:
             cur.wipe()
             self.current = cur = None
             self._transition("expired")
+        if cur is not None and self._hello_at is not None and now - self._hello_at >= HELLO_RETRY_TIMEOUT:
+            self._send_hello(now)
         if self.pending is not None or cur is None:
             if now - (self._last_initiation or 0) >= REKEY_TIMEOUT:
                 self._send_initiation(now)
@@ -315,6 +332,7 @@ class ClientConnection:
             if kp is not None:
                 kp.wipe()
         self.current = self.previous = None
+        self._hello_at = None
         if self.pending is not None:
             self.pending.noise.wipe()
             self.pending = None

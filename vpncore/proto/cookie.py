@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
+import socket
 from typing import Callable
 
 from nacl.bindings import (
@@ -26,6 +26,7 @@ from .errors import BadPacket
 from .wire import pack_cookie_reply, unpack_cookie_reply_untrusted
 
 ZERO_MAC = bytes(MAC_LEN)
+blake2s = hashlib.blake2s
 
 
 def _hash(data: bytes) -> bytes:
@@ -45,8 +46,39 @@ def cookie_key(public: bytes) -> bytes:
 
 
 def source_bytes(src: tuple) -> bytes:
-    """The cookie's input: the packed IP address then the port, big-endian."""
-    return ipaddress.ip_address(src[0]).packed + int(src[1]).to_bytes(2, "big")
+    """The cookie's input: the packed IP address then the port, big-endian.
+
+    inet_pton rather than ipaddress: this runs for every initiation of a flood (1.7 us vs 0.1 us)."""
+    host = src[0].partition("%")[0]          # an IPv6 scope (fe80::1%eth0) is not part of the address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.inet_pton(family, host) + int(src[1]).to_bytes(2, "big")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"not an IP address: {host!r}") from exc
+
+
+def _xaead_encrypt_binding(key: bytes, nonce: bytes, ad: bytes, plain: bytes) -> bytes:
+    return crypto_aead_xchacha20poly1305_ietf_encrypt(plain, ad, nonce, key)
+
+
+try:
+    # The same libsodium function without PyNaCl's argument checks (2.9 us -> 0.7 us per call): the
+    # cookie reply is sealed for every initiation of a handshake flood. Our arguments have fixed
+    # lengths (a 16-byte cookie and AD, a 24-byte nonce, a 32-byte key). If PyNaCl's private module
+    # moves, the public binding above is used.
+    from nacl._sodium import ffi as _ffi, lib as _lib
+
+    _xaead_raw = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt
+
+    def xaead_encrypt(key: bytes, nonce: bytes, ad: bytes, plain: bytes) -> bytes:
+        if len(key) != 32 or len(nonce) != COOKIE_NONCE_LEN:
+            raise ValueError("bad XChaCha20-Poly1305 key or nonce length")
+        n = len(plain) + 16
+        out = _ffi.new("unsigned char[]", n)
+        _xaead_raw(out, _ffi.NULL, plain, len(plain), ad, len(ad), _ffi.NULL, nonce, key)
+        return _ffi.buffer(out, n)[:]
+except (ImportError, AttributeError):    # pragma: no cover - depends on the PyNaCl build
+    xaead_encrypt = _xaead_encrypt_binding
 
 
 class CookieChecker:
@@ -54,30 +86,40 @@ class CookieChecker:
 
     def __init__(self, public: bytes, rng: Callable[[int], bytes]):
         self._mac1_key = mac1_key(public)
+        # keyed BLAKE2s states, copied per message (saves the key block: these run per flood packet)
+        self._mac1_state = hashlib.blake2s(key=self._mac1_key, digest_size=MAC_LEN)
         self._cookie_key = cookie_key(public)
         self._rng = rng
         self._secret = bytearray(rng(32))
+        self._secret_state = None
         self._secret_born = None
 
-    def _cookie(self, src: tuple, now: float) -> bytes:
+    def cookie_for(self, src: tuple, now: float) -> bytes:
+        """The cookie of source `src` (computed once per initiation, used by mac2_ok and make_reply)."""
         if self._secret_born is None or now - self._secret_born >= COOKIE_SECRET_LIFETIME:
             self._secret[:] = self._rng(32)
             self._secret_born = now
-        return mac(self._secret, source_bytes(src))
+            self._secret_state = hashlib.blake2s(key=bytes(self._secret), digest_size=MAC_LEN)
+        h = self._secret_state.copy()
+        h.update(source_bytes(src))
+        return h.digest()
 
     def mac1_ok(self, msg: bytes) -> bool:
         at = len(msg) - 2 * MAC_LEN
-        return hmac.compare_digest(mac(self._mac1_key, msg[:at]), msg[at:at + MAC_LEN])
+        h = self._mac1_state.copy()
+        h.update(msg[:at])
+        return hmac.compare_digest(h.digest(), msg[at:at + MAC_LEN])
 
-    def mac2_ok(self, msg: bytes, src: tuple, now: float) -> bool:
+    def mac2_ok(self, msg: bytes, src: tuple, now: float, cookie: bytes | None = None) -> bool:
         at = len(msg) - MAC_LEN
-        return hmac.compare_digest(mac(self._cookie(src, now), msg[:at]), msg[at:])
+        cookie = cookie or self.cookie_for(src, now)
+        return hmac.compare_digest(blake2s(msg[:at], key=cookie, digest_size=MAC_LEN).digest(), msg[at:])
 
-    def make_reply(self, msg: bytes, receiver: int, src: tuple, now: float) -> bytes:
+    def make_reply(self, msg: bytes, receiver: int, src: tuple, now: float, cookie: bytes | None = None) -> bytes:
         nonce = self._rng(COOKIE_NONCE_LEN)
         at = len(msg) - 2 * MAC_LEN
-        sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(
-            self._cookie(src, now), msg[at:at + MAC_LEN], nonce, self._cookie_key)
+        cookie = cookie or self.cookie_for(src, now)
+        sealed = xaead_encrypt(self._cookie_key, nonce, msg[at:at + MAC_LEN], cookie)
         return pack_cookie_reply(receiver, nonce, sealed)
 
 

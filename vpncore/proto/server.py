@@ -29,7 +29,7 @@ from .noise import public_key
 from .gso import ZERO_VNET_HDR
 from .session import ip_packet_length, pad
 from .superpacket import parse_fragment, receive_fragment, seal_read
-from .wire import unpack_initiation_untrusted, unpack_transport_header_untrusted
+from .wire import check_initiation_untrusted, unpack_transport_header_untrusted
 
 # Peer session states and their one table of transitions (SPEC §8.2).
 NEW, LIVE, ENDED = "new", "live", "ended"
@@ -83,6 +83,7 @@ class ServerProtocol:
         self.under_load = False
         self.reject_after = REJECT_AFTER_TIME     # shortened only by tests (vpnd's test hooks)
         self.shedding = False     # set by the embedding over its memory cap: no new handshakes
+        self.cookie_budget = float("inf")   # cookie replies the embedding still allows (vpnd: per tick)
         self._last_loss_report = 0.0
         self.vnet_hdr = vnet_hdr   # our TUN carries virtio_net_hdr: take super-packets, return framed packets
         self._out: deque = deque()
@@ -151,14 +152,23 @@ class ServerProtocol:
     def _receive_initiation(self, dg: bytes, src: tuple, now: float) -> None:
         if self.shedding:
             raise BadPacket("memory-shed")
-        unpack_initiation_untrusted(dg)          # length, type and reserved bytes
+        check_initiation_untrusted(dg)           # length, type and reserved bytes
         # mac1 next: no DH for anyone who does not know our public key
         if not self._checker.mac1_ok(dg):
             raise BadPacket("mac1")
-        if self.under_load and not self._checker.mac2_ok(dg, src, now):
-            sender = int.from_bytes(dg[4:8], "little")
-            self._out.append((src, self._checker.make_reply(dg, sender, src, now)))
-            raise BadPacket("cookie-sent")
+        if self.under_load:
+            checker = self._checker
+            cookie = checker.cookie_for(src, now)
+            if not checker.mac2_ok(dg, src, now, cookie):
+                # a cookie reply costs ~4 us of Python and a send: beyond the embedding's budget
+                # (a flood bigger than the process can answer) the initiation is dropped unanswered
+                if self.cookie_budget <= 0:
+                    raise BadPacket("cookie-budget")
+                self.cookie_budget -= 1
+                sender = int.from_bytes(dg[4:8], "little")
+                self._out.append((src, checker.make_reply(dg, sender, src, now, cookie)))
+                self.drops["cookie-sent"] += 1    # counted like a drop; returns, as raising costs 0.5 us
+                return
         consumed = consume_initiation(dg, static_private=self._private, ephemeral=self._rng(32),
                                       psk_for=self._authorized.get)
         peer = self.peers.get(consumed.peer_static)

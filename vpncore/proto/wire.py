@@ -66,6 +66,11 @@ def pack_initiation(sender: int, noise_msg: bytes, mac1: bytes = bytes(16), mac2
     return struct.pack("<B3xI", MSG_INITIATION, sender) + noise_msg + mac1 + mac2
 
 
+def check_initiation_untrusted(datagram: bytes) -> None:
+    """Length, type and reserved bytes of an initiation (BadPacket if wrong), without unpacking."""
+    _check(datagram, MSG_INITIATION, INITIATION_LEN)
+
+
 def unpack_initiation_untrusted(datagram: bytes) -> Initiation:
     _check(datagram, MSG_INITIATION, INITIATION_LEN)
     return Initiation(*INITIATION.unpack(datagram)[1:])
