@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from vpncore.proto import control, wire
 from vpncore.proto.constants import (
     COOKIE_REPLY_LEN, INITIATION_LEN, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_COOKIE_REPLY, MSG_INITIATION,
-    MSG_RESPONSE, MSG_TRANSPORT, RESPONSE_LEN, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL, VNET_HDR_LEN,
+    MSG_RESPONSE, MSG_TRANSPORT, RESPONSE_LEN, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL, SUPER_PARITY_NO,
+    VNET_HDR_LEN,
 )
 from vpncore.proto.cookie import CookieGenerator
 from vpncore.proto.errors import BadPacket
@@ -451,15 +452,19 @@ def _vnet_packet(payload: bytes) -> bytes:
 @FUZZ
 @given(st.one_of(hostile_plaintexts, st.binary(max_size=200).map(_vnet_packet), _big(200, 3000).map(_vnet_packet)),
        st.one_of(st.integers(16, 1500), st.sampled_from([1436, 1452, 1296])),
-       st.randoms(use_true_random=False), st.booleans())
-def test_authenticated_hostile_super_packets(plain, chunk, rnd, dup):
-    """Verified super-packets with arbitrary content, fragments in any order: a result or a drop."""
+       st.randoms(use_true_random=False), st.booleans(), st.booleans())
+def test_authenticated_hostile_super_packets(plain, chunk, rnd, dup, parity):
+    """Verified super-packets with arbitrary content, fragments in any order, with or without a
+    parity fragment (and then one data fragment lost): a result or a drop."""
     server, client, src = _vnet_pair()
     peer = server.peers[client.public]
     try:
-        frags = seal_fragments(client.current, pad(plain), chunk)
+        frags = seal_fragments(client.current, pad(plain), chunk, parity)
     except ValueError:      # more than SUPER_MAX_FRAGMENTS: the sender refuses, nothing to receive
         return
+    if parity and frags[-1][2] == SUPER_PARITY_NO:      # lose one data fragment: the parity rebuilds it
+        del frags[rnd.randrange(len(frags) - 1)]
+        event("one fragment lost, parity present")
     rnd.shuffle(frags)
     if dup:
         frags.insert(rnd.randrange(len(frags) + 1), rnd.choice(frags))
@@ -510,5 +515,27 @@ def test_forged_fragments_cannot_hold_more_than_a_super_packet_each():
         for no in range(SUPER_MAX_FRAGMENTS - 1):
             dg = FRAG_HEADER.pack(MSG_TRANSPORT, KIND_SUPER, no, SUPER_MAX_FRAGMENTS, kp.local_index, counter) + body
             assert server.receive_datagram(dg, ("203.0.113.8", 1), 1.0) is None
-    held = sum(len(p) for parts, _ in (kp.partial or {}).values() for p in parts if p is not None)
+    held = sum(len(p) for parts, *_ in (kp.partial or {}).values() for p in parts if p is not None)
     assert held <= SUPER_MAX_PARTIAL * (SUPER_MAX_PLAINTEXT + 16), f"{held / 1e6:.1f} MB held"
+
+
+def test_forged_parity_fragments_add_at_most_half_a_super_packet_each():
+    from vpncore.proto.constants import SUPER_MAX_PLAINTEXT
+    server, client, src = established_pair(seed="parity-memory", vnet_hdr=True)
+    kp = server.peers[client.public].current
+    cap = SUPER_MAX_PLAINTEXT + 16
+    for counter in range(2000, 2000 + 3 * SUPER_MAX_PARTIAL):
+        # too big, too big, the biggest a count of 3 allows, then the same again
+        for size in (60000, cap // 2 + 1, cap // 2, cap // 2):
+            dg = FRAG_HEADER.pack(MSG_TRANSPORT, KIND_SUPER, SUPER_PARITY_NO, 3, kp.local_index, counter) \
+                + bytes(2 + size)
+            assert server.receive_datagram(dg, ("203.0.113.8", 1), 1.0) is None
+        for no in range(2):
+            dg = FRAG_HEADER.pack(MSG_TRANSPORT, KIND_SUPER, no, 3, kp.local_index, counter) + bytes(cap // 2)
+            assert server.receive_datagram(dg, ("203.0.113.8", 1), 1.0) is None
+    entries = list((kp.partial or {}).values())
+    assert len(entries) == SUPER_MAX_PARTIAL
+    for parts, _missing, _held, parity in entries:
+        data = sum(len(p) for p in parts if p is not None)
+        assert data <= cap and len(parity or b"") <= 2 + cap // 2
+    assert server.drops["fragment-oversize"] > 0 and server.drops["fragment-duplicate"] > 0

@@ -19,7 +19,7 @@ from vpncore.proto import control, cookie, handshake, wire
 from vpncore.proto.client import ClientConnection
 from vpncore.proto.constants import (
     CONSTRUCTION, IDENTIFIER, KIND_CONTROL, KIND_DATA, KIND_SUPER, LABEL_COOKIE, LABEL_MAC1,
-    REJECT_AFTER_MESSAGES, REPLAY_WINDOW, VNET_HDR_LEN,
+    REJECT_AFTER_MESSAGES, REPLAY_WINDOW, SUPER_PARITY_NO, VNET_HDR_LEN,
 )
 from vpncore.proto.errors import BadPacket
 from vpncore.proto.events import ControlReceived, ServerClosed, SessionStarted
@@ -342,19 +342,29 @@ def test_superpacket_seal_and_reassemble(case):
     assert pad(x(case["data"])) == x(case["plaintext"])
     kp = Keypair(key, bytes(32), 0, case["receiver_index"], 0.0, initiator=True)
     kp.send_counter = counter
-    frags = seal_fragments(kp, x(case["plaintext"]), chunk)
+    parity = case.get("parity", False)
+    frags = seal_fragments(kp, x(case["plaintext"]), chunk, parity)
     assert [f.hex() for f in frags] == case["fragments"]
-    n = len(frags)
-    for i, f in enumerate(frags):
-        assert f[:16] == bytes([4, KIND_SUPER, i, n]) + case["receiver_index"].to_bytes(4, "little") \
-            + counter.to_bytes(8, "little")
+    data_frags = frags[:-1] if parity else frags
+    n = len(data_frags)
+    tail = case["receiver_index"].to_bytes(4, "little") + counter.to_bytes(8, "little")
+    for i, f in enumerate(data_frags):
+        assert f[:16] == bytes([4, KIND_SUPER, i, n]) + tail
         assert len(f) == 16 + chunk or i == n - 1
     ad = x(case["associated_data"])
     assert ad == frags[0][:16]
     # the ciphertext is one AEAD message: plaintext || tag, under the nonce of `counter`, AD = fragment 0's header
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-    ct = b"".join(f[16:] for f in frags)
+    ct = b"".join(f[16:] for f in data_frags)
     assert ChaCha20Poly1305(key).decrypt(bytes(4) + counter.to_bytes(8, "little"), ct, ad) == x(case["plaintext"])
+    if parity:   # SPEC §5.5 from its definition: u16le(last chunk length) || XOR of the zero-extended chunks
+        p = frags[-1]
+        assert p[:16] == bytes([4, KIND_SUPER, SUPER_PARITY_NO, n]) + tail
+        chunks = [f[16:].ljust(chunk, b"\0") for f in data_frags]
+        xor = bytes(chunk)
+        for c in chunks:
+            xor = bytes(a ^ b for a, b in zip(xor, c))
+        assert p[16:] == (len(data_frags[-1]) - 16).to_bytes(2, "little") + xor
     order = case["receive_order"]
     assert _receive_super(key, case["receiver_index"], [frags[i] for i in order]).hex() == case["delivered"]
 

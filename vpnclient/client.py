@@ -91,6 +91,11 @@ class Client:
             raise UserError(str(exc), 1) from None
         self.applied = Applied(self.tun.name)
         self.gso = GsoGovernor(self.tun.name)
+        self._set_parity()
+
+    def _set_parity(self) -> None:
+        """Parity fragments on our super-packets while the server reports loss (gsosize)."""
+        self.conn.parity = self.gso is not None and self.gso.parity
 
     def close(self) -> None:
         if self.sock is not None:
@@ -238,6 +243,7 @@ class Client:
         self.sock, self.endpoint = open_socket(new, self.out)
         self.udp = Udp(self.sock)
         self.conn = new_connection(self.cfg, new.server, self._rng)
+        self._set_parity()
         self._connect_started = now
         self.conn.connect(now)
         self._flush()
@@ -265,7 +271,8 @@ class Client:
                         self.out(line)
             elif isinstance(ev, LossReported):
                 if self.gso is not None:
-                    self.gso.report(ev.done, ev.lost)
+                    self.gso.report(ev.done, ev.lost, ev.repaired)
+                    self._set_parity()
             elif isinstance(ev, ServerClosed):
                 self.log.event("server-closed")
                 if ev.retry and self.failover.enabled:

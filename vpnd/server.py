@@ -23,7 +23,7 @@ from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import GsoGovernor
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_listener
-from vpncore.proto.constants import CONTROL_VERSION, FEATURE_SUPERPACKET, MSG_INITIATION, VNET_HDR_LEN
+from vpncore.proto.constants import CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET, MSG_INITIATION, VNET_HDR_LEN
 from vpncore.proto.events import ControlReceived, LossReported, SessionEnded, SessionStarted
 from vpncore.proto.server import ServerProtocol
 
@@ -119,6 +119,7 @@ class Server:
         self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
         name = self.tun.name
         self.gso = GsoGovernor(name)
+        self._set_parity()
         tunlib.set_mtu(name, self.cfg.mtu)
         tunlib.link_up(name)
         for pool in self.pools:
@@ -388,7 +389,8 @@ class Server:
                 self._end_session(ev.peer)
             elif isinstance(ev, LossReported):
                 if self.gso is not None:
-                    self.gso.report(ev.done, ev.lost)
+                    self.gso.report(ev.done, ev.lost, ev.repaired)
+                    self._set_parity()
             elif isinstance(ev, ControlReceived):
                 if ev.msg["type"] == "hello" and ev.peer.app is not None:
                     self.proto.send_control(ev.peer, self._config_for(ev.peer), now)
@@ -418,6 +420,10 @@ class Server:
         self.stats.connection()
         self.log.event("session-started", active=len(self.proto.peers))
 
+    def _set_parity(self) -> None:
+        """Parity fragments on our super-packets while clients report loss (gsosize)."""
+        self.proto.parity = self.gso is not None and self.gso.parity
+
     def _release(self, addr) -> None:
         self.routes.pop(addr.packed, None)
         for pool in self.pools:
@@ -438,7 +444,7 @@ class Server:
     def _config_for(self, peer) -> dict:
         msg = {"type": "config", "version": CONTROL_VERSION, "mtu": self.cfg.mtu,
                "routes": [str(p.network) for p in self.pools] + list(self.cfg.push_routes),
-               "dns": list(self.cfg.dns), "features": [FEATURE_SUPERPACKET]}
+               "dns": list(self.cfg.dns), "features": [FEATURE_SUPERPACKET, FEATURE_PARITY]}
         for addr, pool in zip(peer.app.addresses, self.pools):
             msg["ipv4" if addr.version == 4 else "ipv6"] = pool.interface(addr)
         return msg

@@ -481,26 +481,40 @@ def make_super_cases(key: bytes, receiver: int):
     big = vnet_tcp4_superpacket(3000)
     small = vnet_tcp4_superpacket(100)
     specs = [
-        ("TCPv4 super-packet of 3050 bytes (with vnet header) in 3 fragments", 20, big, 1436, [2, 0, 1]),
-        ("small packet in a single fragment", 21, small, 1436, [0]),
+        ("TCPv4 super-packet of 3050 bytes (with vnet header) in 3 fragments", 20, big, 1436, [2, 0, 1], False),
+        ("small packet in a single fragment", 21, small, 1436, [0], False),
+        ("3 fragments and a parity fragment (index 3 in `fragments`); fragment 1 lost and rebuilt",
+         22, big, 1436, [0, 2, 3], True),
+        ("3 fragments and a parity fragment; the last (short) fragment lost and rebuilt from the parity "
+         "that arrives first", 23, big, 1436, [3, 0, 1], True),
+        ("3 fragments and a parity fragment; nothing lost, the parity not used", 24, big, 1436, [1, 0, 2], True),
     ]
     cases = []
-    for name, counter, data, chunk, order in specs:
+    for name, counter, data, chunk, order, parity in specs:
         kp = Keypair(key, bytes(32), 0, receiver, 0.0, initiator=True)
         kp.send_counter = counter
-        frags = seal_fragments(kp, pad(data), chunk)
+        frags = seal_fragments(kp, pad(data), chunk, parity)
+        n = len(frags) - parity
         delivered = _receive_super(key, receiver, [frags[i] for i in order])
         assert delivered == data, name
-        cases.append({"name": name, "key": h(key), "receiver_index": receiver, "counter": counter, "chunk": chunk,
-                      "data": h(data), "plaintext": h(pad(data)),
-                      "associated_data": h(struct.pack("<BBBBIQ", 4, KIND_SUPER, 0, len(frags), receiver, counter)),
-                      "fragments": [h(f) for f in frags], "receive_order": order, "delivered": h(delivered)})
+        case = {"name": name, "key": h(key), "receiver_index": receiver, "counter": counter, "chunk": chunk,
+                "data": h(data), "plaintext": h(pad(data)),
+                "associated_data": h(struct.pack("<BBBBIQ", 4, KIND_SUPER, 0, n, receiver, counter)),
+                "fragments": [h(f) for f in frags], "receive_order": order, "delivered": h(delivered)}
+        if parity:
+            case["parity"] = True      # the last of `fragments` is the parity fragment (SPEC §5.5)
+        cases.append(case)
 
     kp = Keypair(key, bytes(32), 0, receiver, 0.0, initiator=True)
     kp.send_counter = 30
     f = seal_fragments(kp, pad(big), 1436)
     g = seal_fragments(kp, pad(big), 1436)   # counter 31
+    pf = seal_fragments(kp, pad(big), 1436, parity=True)   # counter 32: 3 data fragments + parity
+    par = pf[3]
     hdr = lambda dg, no, n: dg[:2] + bytes([no, n]) + dg[4:]
+    flipped = par[:-1] + bytes([par[-1] ^ 1])
+    bad_len = par[:16] + (201).to_bytes(2, "little") + par[18:]      # the last chunk is 200 bytes
+    zero_len = par[:16] + bytes(2) + par[18:]
     invalid_specs = [
         ("fragment count 0", [hdr(f[0], 0, 0)]),
         (f"fragment count above SUPER_MAX_FRAGMENTS ({SUPER_MAX_FRAGMENTS})", [hdr(f[0], 0, SUPER_MAX_FRAGMENTS + 1)]),
@@ -512,6 +526,17 @@ def make_super_cases(key: bytes, receiver: int):
          [f[0], f[1], g[2][:8] + f[2][8:16] + g[2][16:]]),
         ("chunk times (frag_count - 1) above SUPER_MAX_PLAINTEXT + 16", [hdr(f[0], 0, SUPER_MAX_FRAGMENTS)]),
         ("all fragments but one: nothing delivered yet", [f[0], f[2]]),
+        ("parity fragment with frag_count below SUPER_PARITY_MIN", [hdr(par, 255, 2)]),
+        ("parity fragment with no parity bytes", [par[:18]]),
+        ("duplicate parity fragment", [par, par]),
+        ("two fragments lost: the parity cannot rebuild them, nothing delivered yet", [par, pf[0]]),
+        ("parity naming a wrong last-chunk length: nothing rebuilt, nothing delivered yet",
+         [pf[0], pf[2], bad_len]),
+        ("parity naming a last-chunk length of 0: nothing rebuilt", [pf[0], pf[1], zero_len]),
+        ("parity with a flipped bit: the rebuilt message fails the tag", [pf[0], pf[2], flipped]),
+        ("parity after its super-packet arrived whole: not used", [pf[0], pf[1], pf[2], par]),
+        ("parity whose chunk times (frag_count - 1) is above SUPER_MAX_PLAINTEXT + 16",
+         [hdr(par, 255, SUPER_MAX_FRAGMENTS)]),
     ]
     invalid = []
     for name, frags in invalid_specs:

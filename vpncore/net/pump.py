@@ -69,7 +69,12 @@ class Udp:
                 self._send_one(f, addr)
             return
         size = len(frames[0])
-        if len(frames[-2]) != size:     # not a fragment train (segmented legacy packets)
+        if len(frames[-1]) > size and n > 3 and len(frames[-3]) == size:
+            # a super-packet's parity fragment (2 bytes longer than a chunk) follows its train alone
+            self.send(frames[:-1], addr)
+            self._send_one(frames[-1], addr)
+            return
+        if len(frames[-2]) != size or len(frames[-1]) > size:   # not a fragment train (segmented packets)
             for f in frames:
                 self._send_one(f, addr)
             return

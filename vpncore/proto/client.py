@@ -15,7 +15,7 @@ from typing import Callable
 
 from . import control
 from .constants import (
-    VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
+    VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_PARITY, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
     MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
     REKEY_TIMEOUT, LOSS_REPORT_INTERVAL, HELLO_RETRY_TIMEOUT,
 )
@@ -58,9 +58,11 @@ class ClientConnection:
         self.features = list(features)
         # vnet_hdr: our TUN carries virtio_net_hdr; we take super-packets and return framed packets
         self.vnet_hdr = vnet_hdr
-        if vnet_hdr and FEATURE_SUPERPACKET not in self.features:
-            self.features.append(FEATURE_SUPERPACKET)
+        if vnet_hdr:
+            self.features += [f for f in (FEATURE_SUPERPACKET, FEATURE_PARITY) if f not in self.features]
         self.peer_super = False         # the server advertised super-packets in its config
+        self.peer_parity = False        # ... and parity fragments
+        self.parity = False             # the embedding's choice: add parity (under loss, §5.5)
         self.persistent_keepalive = persistent_keepalive
         self._macs = CookieGenerator(self.server_public)
         self._checker = CookieChecker(self.public, rng)
@@ -210,11 +212,12 @@ class ClientConnection:
             self._last_initiation = now  # first retry after REKEY_TIMEOUT
             self._events.append(ServerClosed(msg["reason"], msg.get("retry", True)))
         elif msg["type"] == "loss":
-            self._events.append(LossReported(msg["done"], msg["lost"]))
+            self._events.append(LossReported(msg["done"], msg["lost"], None, msg.get("repaired", 0)))
         else:
             if msg["type"] != "config":       # hello is for servers
                 raise BadPacket("control-direction")
             self.peer_super = FEATURE_SUPERPACKET in msg.get("features", ())
+            self.peer_parity = FEATURE_PARITY in msg.get("features", ())
             self._hello_at = None
             self._events.append(ControlReceived(msg))
 
@@ -243,7 +246,7 @@ class ClientConnection:
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        frames = seal_read(kp, data, chunk, self.peer_super)
+        frames = seal_read(kp, data, chunk, self.peer_super, self.parity and self.peer_parity)
         self.last_tx = now
         self._data_rx_since = None
         if self._unanswered_since is None:
@@ -299,9 +302,9 @@ class ClientConnection:
             return
         if self.current is not None and now - self._last_loss_report >= LOSS_REPORT_INTERVAL:
             self._last_loss_report = now
-            done, lost = control.take_loss((self.current, self.previous))
+            done, lost, repaired = control.take_loss((self.current, self.previous))
             if done or lost:
-                self.send_control(control.loss(done, lost), now)
+                self.send_control(control.loss(done, lost, repaired), now)
         if self.previous is not None and now - self.previous.created >= REJECT_AFTER_TIME:
             self.previous.wipe()
             self.previous = None

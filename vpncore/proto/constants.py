@@ -26,6 +26,9 @@ SUPER_MAX_FRAGMENTS = 64
 SUPER_MAX_PLAINTEXT = 65536 + VNET_HDR_LEN + 16
 SUPER_MAX_PARTIAL = 8       # incomplete super-packets held per keypair; the oldest is evicted
 FEATURE_SUPERPACKET = "superpacket"
+FEATURE_PARITY = "parity"
+SUPER_PARITY_NO = 255       # frag_no of a super-packet's parity fragment
+SUPER_PARITY_MIN = 3        # fewest data fragments a super-packet with parity has
 LOSS_REPORT_INTERVAL = 1    # seconds between `loss` reports by a receiver of super-packets (§6.3)
 
 # Sizes in bytes.

@@ -26,7 +26,7 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     "config": {"version": (int, True), "ipv4": (str, False), "ipv6": (str, False), "routes": (list, True),
                "mtu": (int, True), "dns": (list, False), "keepalive": (int, False), "features": (list, False)},
     "close": {"reason": (str, True), "retry": (bool, False)},
-    "loss": {"done": (int, True), "lost": (int, True)},
+    "loss": {"done": (int, True), "lost": (int, True), "repaired": (int, False)},
 }
 
 
@@ -44,20 +44,25 @@ def encode(msg: dict) -> bytes:
     return plain
 
 
-def loss(done: int, lost: int) -> dict:
-    """A receiver's report: multi-fragment super-packets completed and lost since the last one."""
-    return {"type": "loss", "done": min(done, 2**31), "lost": min(lost, 2**31)}
+def loss(done: int, lost: int, repaired: int = 0) -> dict:
+    """A receiver's report: multi-fragment super-packets completed (of which `repaired` rebuilt from
+    parity) and lost since the last one."""
+    msg = {"type": "loss", "done": min(done, 2**31), "lost": min(lost, 2**31)}
+    if repaired:
+        msg["repaired"] = min(repaired, 2**31)
+    return msg
 
 
-def take_loss(keypairs) -> tuple[int, int]:
-    """Sum and reset the super-packet counters of `keypairs` (None entries ignored)."""
-    done = lost = 0
+def take_loss(keypairs) -> tuple[int, int, int]:
+    """Sum and reset the super-packet counters (done, lost, repaired) of `keypairs` (None ignored)."""
+    done = lost = repaired = 0
     for kp in keypairs:
         if kp is not None:
             done += kp.super_done
             lost += kp.super_lost
-            kp.super_done = kp.super_lost = 0
-    return done, lost
+            repaired += kp.super_repaired
+            kp.super_done = kp.super_lost = kp.super_repaired = 0
+    return done, lost, repaired
 
 
 def hello(features=()) -> dict:

@@ -40,11 +40,12 @@ class SessionEnded(Event):
 
 
 class LossReported(Event):
-    """The peer reported how many of our super-packets it completed and lost (§6.3 `loss`)."""
-    __slots__ = ("done", "lost", "peer")
+    """The peer reported how many of our super-packets it completed (`repaired` of them from parity)
+    and lost (§6.3 `loss`)."""
+    __slots__ = ("done", "lost", "repaired", "peer")
 
-    def __init__(self, done: int, lost: int, peer=None):
-        self.done, self.lost, self.peer = done, lost, peer
+    def __init__(self, done: int, lost: int, peer=None, repaired: int = 0):
+        self.done, self.lost, self.peer, self.repaired = done, lost, peer, repaired
 
 
 class ServerClosed(Event):

@@ -18,7 +18,7 @@ from typing import Callable
 
 from . import control
 from .constants import (
-    FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, LOSS_REPORT_INTERVAL, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
+    FEATURE_PARITY, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, LOSS_REPORT_INTERVAL, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
     MSG_TRANSPORT, REJECT_AFTER_TIME, VNET_HDR_LEN,
 )
 from .cookie import CookieChecker, CookieGenerator
@@ -45,7 +45,7 @@ class Peer:
     """One client's live session on the server. Memory-only: never pickled, printed as an index."""
 
     __slots__ = ("public_key", "endpoint", "current", "previous", "next", "last_timestamp", "state",
-                 "last_rx", "data_rx_since", "last_tx", "app", "handle", "super",
+                 "last_rx", "data_rx_since", "last_tx", "app", "handle", "super", "parity",
                  "__weakref__")
 
     def __init__(self, public_key: bytes, handle: int):
@@ -59,6 +59,7 @@ class Peer:
         self.data_rx_since = None   # first data received since our last send (passive keepalive)
         self.app = None   # the policy layer's data (assigned addresses, account)
         self.super = False  # the client advertised super-packets in its hello
+        self.parity = False  # ... and parity fragments
 
     def __repr__(self) -> str:
         return f"<Peer #{self.handle:08x}>"
@@ -83,6 +84,7 @@ class ServerProtocol:
         self.under_load = False
         self.reject_after = REJECT_AFTER_TIME     # shortened only by tests (vpnd's test hooks)
         self.shedding = False     # set by the embedding over its memory cap: no new handshakes
+        self.parity = False       # the embedding's choice: add parity to super-packets (under loss)
         self.cookie_budget = float("inf")   # cookie replies the embedding still allows (vpnd: per tick)
         self._last_loss_report = 0.0
         self.vnet_hdr = vnet_hdr   # our TUN carries virtio_net_hdr: take super-packets, return framed packets
@@ -215,11 +217,12 @@ class ServerProtocol:
             if msg["type"] == "close":
                 self.end_peer(peer, "closed by client", now, notify=False)
             elif msg["type"] == "loss":
-                self._events.append(LossReported(msg["done"], msg["lost"], peer))
+                self._events.append(LossReported(msg["done"], msg["lost"], peer, msg.get("repaired", 0)))
             else:
                 if msg["type"] != "hello":       # config is for clients
                     raise BadPacket("control-direction")
                 peer.super = self.vnet_hdr and FEATURE_SUPERPACKET in msg.get("features", ())
+                peer.parity = peer.super and FEATURE_PARITY in msg.get("features", ())
                 self._events.append(ControlReceived(msg, peer))
             return None
         raise BadPacket("kind")
@@ -280,7 +283,7 @@ class ServerProtocol:
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        frames = seal_read(kp, data, chunk, peer.super)
+        frames = seal_read(kp, data, chunk, peer.super, self.parity and peer.parity)
         peer.last_tx = now
         peer.data_rx_since = None
         self.tx_bytes += len(data)
@@ -305,9 +308,9 @@ class ServerProtocol:
             self._last_loss_report = now
         for peer in list(self.peers.values()):
             if report and peer.current is not None:
-                done, lost = control.take_loss((peer.current, peer.previous, peer.next))
+                done, lost, repaired = control.take_loss((peer.current, peer.previous, peer.next))
                 if done or lost:
-                    self.send_control(peer, control.loss(done, lost), now)
+                    self.send_control(peer, control.loss(done, lost, repaired), now)
             for kp in peer.keypairs():
                 if now - kp.created >= self.reject_after:
                     self._forget_keypair(kp)

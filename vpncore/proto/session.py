@@ -31,6 +31,7 @@ class Keypair:
 
     __slots__ = ("_seal", "_open", "_keys", "local_index", "remote_index", "send_counter",
                  "replay", "created", "initiator", "peer", "partial", "super_done", "super_lost",
+                 "super_repaired",
                  "__weakref__")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
@@ -47,6 +48,7 @@ class Keypair:
         self.peer = None
         self.partial = None   # super-packet reassembly: {counter: [fragments, missing]}
         self.super_done = self.super_lost = 0   # multi-fragment super-packets completed / evicted
+        self.super_repaired = 0                 # ... of the completed, those rebuilt from parity
 
     def __repr__(self) -> str:
         return f"<Keypair #{self.local_index:08x}>"

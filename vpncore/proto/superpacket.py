@@ -14,6 +14,14 @@ evicted, each holding at most SUPER_MAX_PLAINTEXT + 16 bytes), so fragments that
 never complete cannot grow memory past ~0.5 MiB per keypair or touch other
 sessions. The window check runs before a counter gets a slot and the window
 moves only after the tag verified.
+
+Parity (SPEC §5.5, when the receiver lists FEATURE_PARITY): the sender may add
+one more fragment, frag_no=255, carrying u16le(length of the last chunk) and the
+XOR of all n chunks (each zero-extended to `chunk`). A receiver missing exactly
+one chunk rebuilds it from the others and the parity; the AEAD tag of the whole
+message then decides, as always, whether anything is delivered. At 1 % datagram
+loss a 16 KiB super-packet (12 fragments) is lost 11 % of the time without
+parity and 0.7 % with it.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import struct
 
 from .constants import (
     KIND_SUPER, MSG_TRANSPORT, REJECT_AFTER_MESSAGES, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL, SUPER_MAX_PLAINTEXT,
-    TRANSPORT_HEADER_LEN,
+    SUPER_PARITY_MIN, SUPER_PARITY_NO, TRANSPORT_HEADER_LEN,
 )
 from .constants import KIND_DATA
 from .errors import BadPacket
@@ -35,8 +43,19 @@ _unpack_header = FRAG_HEADER.unpack_from
 _pack_header = FRAG_HEADER.pack
 
 
-def seal_fragments(kp, plaintext: bytes, chunk: int) -> list[bytes]:
-    """The fragments (header + chunk each) of one super-packet; all but the last are 16+chunk bytes."""
+def parity_fragment(header: bytes, ct: bytes, chunk: int) -> bytes:
+    """header || u16le(length of the last chunk) || XOR of the chunks of `ct`, each zero-extended."""
+    n = -(-len(ct) // chunk)
+    x = 0
+    for i in range(0, len(ct), chunk):
+        x ^= int.from_bytes(ct[i:i + chunk], "little")
+    last = len(ct) - (n - 1) * chunk
+    return header + last.to_bytes(2, "little") + x.to_bytes(chunk, "little")
+
+
+def seal_fragments(kp, plaintext: bytes, chunk: int, parity: bool = False) -> list[bytes]:
+    """The fragments (header + chunk each) of one super-packet; all but the last are 16+chunk bytes.
+    With `parity` (and at least SUPER_PARITY_MIN fragments) a parity fragment follows them."""
     c = kp.send_counter
     if c >= REJECT_AFTER_MESSAGES:
         raise BadPacket("counter-exhausted")
@@ -48,17 +67,20 @@ def seal_fragments(kp, plaintext: bytes, chunk: int) -> list[bytes]:
     ct = kp._seal(NONCE.pack(0, c), plaintext, _pack_header(MSG_TRANSPORT, KIND_SUPER, 0, n, rid, c))
     if n == 1:
         return [_pack_header(MSG_TRANSPORT, KIND_SUPER, 0, 1, rid, c) + ct]
-    return [_pack_header(MSG_TRANSPORT, KIND_SUPER, i, n, rid, c) + ct[i * chunk:(i + 1) * chunk]
-            for i in range(n)]
+    frames = [_pack_header(MSG_TRANSPORT, KIND_SUPER, i, n, rid, c) + ct[i * chunk:(i + 1) * chunk]
+              for i in range(n)]
+    if parity and n >= SUPER_PARITY_MIN:
+        frames.append(parity_fragment(_pack_header(MSG_TRANSPORT, KIND_SUPER, SUPER_PARITY_NO, n, rid, c), ct, chunk))
+    return frames
 
 
-def seal_read(kp, data: bytes, chunk: int, peer_takes_super: bool) -> list[bytes]:
+def seal_read(kp, data: bytes, chunk: int, peer_takes_super: bool, parity: bool = False) -> list[bytes]:
     """The datagrams for one TUN read (virtio_net_hdr + packet), the sender's choice of §5.5/§5.6:
     a GSO super-packet to a peer that takes them (and that fits in SUPER_MAX_FRAGMENTS) is sealed
     once and fragmented; anything else is checksummed and segmented in software, one kind-0
     message per packet."""
     if peer_takes_super and data[1] and len(data) + 32 <= chunk * SUPER_MAX_FRAGMENTS:
-        return seal_fragments(kp, pad(data), chunk)
+        return seal_fragments(kp, pad(data), chunk, parity)
     return [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
 
 
@@ -67,21 +89,26 @@ def parse_fragment(datagram: bytes) -> tuple[int, int, int, int]:
     if len(datagram) <= TRANSPORT_HEADER_LEN:
         raise BadPacket("length")
     t, kind, no, n, receiver, counter = _unpack_header(datagram)
-    if t != MSG_TRANSPORT or kind != KIND_SUPER or not 0 < n <= SUPER_MAX_FRAGMENTS or no >= n:
+    if t != MSG_TRANSPORT or kind != KIND_SUPER or not 0 < n <= SUPER_MAX_FRAGMENTS or \
+            (no >= n and not (no == SUPER_PARITY_NO and n >= SUPER_PARITY_MIN)):
         raise BadPacket("fragment-header")
     return no, n, receiver, counter
 
 
 def receive_fragment(kp, datagram: bytes, no: int, n: int, counter: int):
-    """Plaintext once the super-packet is complete and verified, else None. BadPacket on tag/replay."""
+    """Plaintext once the super-packet is complete (or rebuilt from parity) and verified, else None.
+    BadPacket on tag/replay."""
     if n == 1:
         return kp.open_with_header(datagram[:TRANSPORT_HEADER_LEN], counter, datagram[TRANSPORT_HEADER_LEN:])
     if not kp.replay.check(counter):
-        raise BadPacket("replay")
+        # a parity fragment trails its data: once they all arrived, it is not needed
+        raise BadPacket("parity-unused" if no == SUPER_PARITY_NO else "replay")
     partial = kp.partial
     if partial is None:
         partial = kp.partial = {}
     size = len(datagram) - TRANSPORT_HEADER_LEN
+    if no == SUPER_PARITY_NO:
+        size -= 2        # the parity's chunk, after the last chunk's length
     entry = partial.get(counter)
     if entry is None:
         if size * (n - 1) > _MAX_CIPHERTEXT:
@@ -89,23 +116,57 @@ def receive_fragment(kp, datagram: bytes, no: int, n: int, counter: int):
         if len(partial) >= SUPER_MAX_PARTIAL:
             del partial[min(partial)]      # evict the oldest incomplete super-packet
             kp.super_lost += 1
-        entry = partial[counter] = [[None] * n, n, 0]
-    parts, missing, held = entry
+        entry = partial[counter] = [[None] * n, n, 0, None]
+    parts, missing, held, parity = entry
     if len(parts) != n:
         raise BadPacket("fragment-count")
-    if parts[no] is not None:
-        raise BadPacket("fragment-duplicate")
-    held += size
-    if held > _MAX_CIPHERTEXT:             # no more than one genuine super-packet's bytes per counter
-        del partial[counter]
-        raise BadPacket("fragment-oversize")
-    parts[no] = datagram[TRANSPORT_HEADER_LEN:]
-    missing -= 1
-    if missing:
+    if no == SUPER_PARITY_NO:
+        # at most one parity, no bigger than a chunk of a genuine super-packet of n >= 3 fragments:
+        # an entry holds at most 1.5 x (SUPER_MAX_PLAINTEXT + 16) bytes in all
+        if parity is not None:
+            raise BadPacket("fragment-duplicate")
+        if size < 1:
+            raise BadPacket("length")
+        if size * (n - 1) > _MAX_CIPHERTEXT:
+            raise BadPacket("fragment-oversize")
+        entry[3] = parity = datagram[TRANSPORT_HEADER_LEN:]
+    else:
+        if parts[no] is not None:
+            raise BadPacket("fragment-duplicate")
+        held += size
+        if held > _MAX_CIPHERTEXT:             # no more than one genuine super-packet's bytes per counter
+            del partial[counter]
+            raise BadPacket("fragment-oversize")
+        parts[no] = datagram[TRANSPORT_HEADER_LEN:]
+        missing -= 1
         entry[1], entry[2] = missing, held
-        return None
+    if missing:
+        if missing > 1 or parity is None or not _repair(parts, parity):
+            return None
+        kp.super_repaired += 1
     del partial[counter]
     kp.super_done += 1
     # the AD is fragment 0's header as the sender built it: its receiver index is our local index
     header = _pack_header(MSG_TRANSPORT, KIND_SUPER, 0, n, kp.local_index, counter)
     return kp.open_with_header(header, counter, b"".join(parts))
+
+
+def _repair(parts: list, parity: bytes) -> bool:
+    """Fill the one empty slot of `parts` from the others and the parity; False (nothing changed)
+    if the sizes do not fit a super-packet sealed with parity (the sender's chunk is the parity's
+    size, every chunk but the last has it, and the last has the length the parity names)."""
+    last, x = parity[0] | parity[1] << 8, parity[2:]
+    chunk = len(x)
+    if not 0 < last <= chunk:
+        return False
+    n = len(parts)
+    acc = int.from_bytes(x, "little")
+    for i, p in enumerate(parts):
+        if p is None:
+            hole = i
+        elif len(p) != (last if i == n - 1 else chunk):
+            return False
+        else:
+            acc ^= int.from_bytes(p, "little")
+    parts[hole] = acc.to_bytes(chunk, "little")[:last if hole == n - 1 else chunk]
+    return True
