@@ -1,26 +1,32 @@
 """The sender's reaction to the peer's loss reports: super-packet size and parity (vpncore/net/gsosize.py,
-SPEC §5.5, §6.3), and the UDP train that carries a parity fragment (vpncore/net/pump.py)."""
+SPEC §5.5, §6.3), the cutting of big TCP reads (vpncore/proto/gso.py split, SPEC §5.6) and the UDP
+train that carries a parity fragment (vpncore/net/pump.py)."""
 
 from __future__ import annotations
 
 import socket
+import struct
 
-from vpncore.net.gsosize import GROW_AFTER, LARGE, SMALL, GsoGovernor
+import pytest
+
+from vpncore.net.gsosize import GROW_AFTER, LARGE, SMALL, SPLIT_ABOVE, GsoGovernor
 from vpncore.net.pump import Udp
+from vpncore.proto import gso
+from vpncore.proto.constants import VNET_HDR_LEN
 
 
 def test_starts_small_with_parity_and_grows_without_it_after_clean_reports():
-    g = GsoGovernor("t0")
-    assert g.size == SMALL and g.pending == SMALL and g.parity
+    g = GsoGovernor()
+    assert g.size == SMALL and g.parity
     for i in range(GROW_AFTER - 1):
         g.report(100, 0)
         assert g.size == SMALL and g.parity, i
     g.report(100, 0)
-    assert g.size == LARGE and g.pending == LARGE and not g.parity
+    assert g.size == LARGE and not g.parity
 
 
 def test_loss_brings_parity_back_and_heavy_loss_shrinks():
-    g = GsoGovernor("t0")
+    g = GsoGovernor()
     for _ in range(GROW_AFTER):
         g.report(100, 0)
     assert g.size == LARGE and not g.parity
@@ -31,7 +37,7 @@ def test_loss_brings_parity_back_and_heavy_loss_shrinks():
 
 
 def test_repaired_super_packets_keep_parity_on_and_the_size_small():
-    g = GsoGovernor("t0")
+    g = GsoGovernor()
     for _ in range(3 * GROW_AFTER):
         g.report(1000, 0, repaired=80)      # parity is doing its job: loss is still there
     assert g.size == SMALL and g.parity
@@ -41,12 +47,70 @@ def test_repaired_super_packets_keep_parity_on_and_the_size_small():
 
 
 def test_empty_reports_change_nothing():
-    g = GsoGovernor("t0")
-    g.pending = None
+    g = GsoGovernor()
     for _ in range(10):
         g.report(0, 0)
-    assert g.size == SMALL and g.parity and g.pending is None
+    assert g.size == SMALL and g.parity
 
+
+# --- cutting TCP super-packets (SPEC §5.6) ----------------------------------------------------------
+
+def tcp_read(n: int, v: int = 4, flags: int = 0x19) -> bytes:
+    """A TUN read as the kernel gives it for a TSO skb: NEEDS_CSUM, the checksum field holding the
+    folded pseudo-header sum for the whole TCP length (__tcp_v4_send_check / __tcp_v6_send_check)."""
+    payload = bytes(i % 251 for i in range(n))
+    tcp = bytearray(struct.pack("!HHIIBBHHH", 40000, 5201, 0xFFFFF000, 2000, 5 << 4, flags, 64240, 0, 0))
+    if v == 4:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + n, 0xFFF0, 0x4000, 64, 6, 0,
+                         bytes([198, 19, 0, 2]), bytes([198, 19, 0, 1]))
+        ip = gso._ipv4_header(ip, 40 + n, 0xFFF0)
+        vnet = gso.VNET_HDR.pack(gso.NEEDS_CSUM, gso.GSO_TCPV4, 40, 1380, 20, 16)
+    else:
+        ip = struct.pack("!IHBB16s16s", 6 << 28, 20 + n, 6, 64, bytes(15) + b"\2", bytes(15) + b"\1")
+        vnet = gso.VNET_HDR.pack(gso.NEEDS_CSUM, gso.GSO_TCPV6, 60, 1360, 40, 16)
+    tcp[16:18] = struct.pack("!H", gso._pseudo(ip, v, 6, 20 + n))
+    return vnet + ip + bytes(tcp) + payload
+
+
+@pytest.mark.parametrize("v", [4, 6])
+@pytest.mark.parametrize("n", [30000, 64000, 16128 + 1])
+def test_cut_pieces_carry_the_same_segments(v, n):
+    read = tcp_read(n, v)
+    pieces = gso.split(read, 16128)
+    assert len(pieces) > 1 and all(len(p) <= 16384 + VNET_HDR_LEN for p in pieces)
+    # segmenting the pieces gives exactly the segments of the whole (seq, flags, IDs, checksums)
+    assert [s for p in pieces for s in gso.segment(p)] == gso.segment(read)
+    for p in pieces:
+        assert p[:VNET_HDR_LEN] == read[:VNET_HDR_LEN]
+        # the checksum field is the pseudo-header sum of the piece's own length: finishing it over
+        # the piece gives the piece's real TCP checksum
+        ip = p[VNET_HDR_LEN:]
+        ihl = 20 if v == 4 else 40
+        done = gso.finish_checksum(ip, ihl, 16)
+        whole = bytearray(ip)
+        whole[ihl + 16:ihl + 18] = b"\0\0"
+        want = gso.checksum(bytes(whole[ihl:]), gso._pseudo(ip, v, 6, len(ip) - ihl))
+        assert done[ihl + 16:ihl + 18] == struct.pack("!H", want)
+
+
+def test_reads_that_are_not_cut():
+    assert gso.split(tcp_read(10000), 16128) == [tcp_read(10000)]          # small enough
+    udp = gso.VNET_HDR.pack(gso.NEEDS_CSUM, gso.GSO_UDP_L4, 28, 1372, 20, 6) + bytes(30000)
+    assert gso.split(udp, 16128) == [udp]
+    no_csum = bytes([0]) + tcp_read(30000)[1:]
+    assert gso.split(no_csum, 16128) == [no_csum]
+
+
+def test_governor_cuts_only_while_small():
+    g = GsoGovernor()
+    read = tcp_read(60000)
+    assert len(read) > SPLIT_ABOVE and len(g.pieces(read)) == 4
+    for _ in range(GROW_AFTER):
+        g.report(100, 0)
+    assert g.pieces(read) == [read]
+
+
+# --- the parity fragment on the wire ------------------------------------------------------------------
 
 def _pair():
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

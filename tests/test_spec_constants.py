@@ -43,11 +43,11 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
 
 
 def spec_value(cell: str):
-    """A table value: an int (or an arithmetic expression of ints), a bytes or a str literal."""
+    """A table value: an int or float (or an arithmetic expression of ints), a bytes or a str literal."""
     text = cell.strip().strip("`").strip()
 
     def ev(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, bytes, str)) \
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bytes, str)) \
                 and not isinstance(node.value, bool):
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
@@ -73,7 +73,7 @@ def spec_constants() -> dict:
 
 def code_constants() -> dict:
     return {name: value for name, value in vars(constants).items()
-            if NAME.match(name) and isinstance(value, (int, bytes, str)) and not isinstance(value, bool)}
+            if NAME.match(name) and isinstance(value, (int, float, bytes, str)) and not isinstance(value, bool)}
 
 
 SPEC_CONSTANTS = spec_constants()

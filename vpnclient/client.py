@@ -12,7 +12,7 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import GsoGovernor
+from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_connected
 from vpncore.proto import control
@@ -90,7 +90,7 @@ class Client:
             self.close()
             raise UserError(str(exc), 1) from None
         self.applied = Applied(self.tun.name)
-        self.gso = GsoGovernor(self.tun.name)
+        self.gso = GsoGovernor()
         self._set_parity()
 
     def _set_parity(self) -> None:
@@ -192,6 +192,12 @@ class Client:
                     break
                 except OSError:
                     break
+                if len(packet) > SPLIT_ABOVE and self.gso is not None:
+                    for piece in self.gso.pieces(packet):
+                        frames = encrypt_frames(piece, now, chunk)
+                        if frames:
+                            send(frames)
+                    continue
                 frames = encrypt_frames(packet, now, chunk)
                 if frames:
                     send(frames)
@@ -207,8 +213,6 @@ class Client:
                 self.udp.last_errno = 0
                 self._rebind = True
                 self._switch.set()
-            if self.gso is not None and self.gso.pending is not None:
-                await self.gso.apply()
 
     # --- failover (policy in locations.Failover) -------------------------------------------------
     def _failover_tick(self) -> None:

@@ -20,7 +20,7 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import GsoGovernor
+from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_listener
 from vpncore.proto.constants import CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET, MSG_INITIATION, VNET_HDR_LEN
@@ -118,7 +118,7 @@ class Server:
                                                    "stop it first or set a different control_socket")
         self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
         name = self.tun.name
-        self.gso = GsoGovernor(name)
+        self.gso = GsoGovernor()
         self._set_parity()
         tunlib.set_mtu(name, self.cfg.mtu)
         tunlib.link_up(name)
@@ -256,9 +256,18 @@ class Server:
                 return
             acct.bytes_out += len(packet)
         ep = peer.endpoint
+        if ep is None:
+            return
+        udp = self._udp_by_family[socket.AF_INET6 if ":" in ep[0] else socket.AF_INET]
+        if len(packet) > SPLIT_ABOVE and self.gso is not None:
+            for piece in self.gso.pieces(packet):
+                frames = self.proto.encrypt_frames(peer, piece, now, self.chunk)
+                if frames:
+                    udp.send(frames, ep)
+            return
         frames = self.proto.encrypt_frames(peer, packet, now, self.chunk)
-        if frames and ep is not None:
-            self._udp_by_family[socket.AF_INET6 if ":" in ep[0] else socket.AF_INET].send(frames, ep)
+        if frames:
+            udp.send(frames, ep)
 
     async def _tun_loop(self) -> None:
         fd = self.tun.fd
@@ -314,8 +323,6 @@ class Server:
             self._handle_events(now)
             self._flush()
             self._account()
-            if self.gso is not None and self.gso.pending is not None:
-                await self.gso.apply()
             if self.policy.nft_script:
                 script, self.policy.nft_script = "".join(self.policy.nft_script), []
                 if not await trio.to_thread.run_sync(self.egress.apply, script):

@@ -17,7 +17,7 @@ from . import control
 from .constants import (
     VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_PARITY, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
     MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
-    REKEY_TIMEOUT, LOSS_REPORT_INTERVAL, HELLO_RETRY_TIMEOUT,
+    REKEY_TIMEOUT, LOSS_REPORT_EARLY, LOSS_REPORT_INTERVAL, HELLO_RETRY_TIMEOUT,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
@@ -192,7 +192,11 @@ class ClientConnection:
         if not self.vnet_hdr:
             raise BadPacket("superpacket-unsupported")
         no, n, index, counter = parse_fragment(dg)
-        plain = receive_fragment(self._keypair_for(index), dg, no, n, counter)
+        kp = self._keypair_for(index)
+        lost = kp.super_lost
+        plain = receive_fragment(kp, dg, no, n, counter)
+        if kp.super_lost != lost and now - self._last_loss_report >= LOSS_REPORT_EARLY:
+            self._report_loss(now)      # tell the sender at once: it shrinks its super-packets
         if plain is None:
             return None
         self.rx_bytes += len(plain)
@@ -220,6 +224,12 @@ class ClientConnection:
             self.peer_parity = FEATURE_PARITY in msg.get("features", ())
             self._hello_at = None
             self._events.append(ControlReceived(msg))
+
+    def _report_loss(self, now: float) -> None:
+        self._last_loss_report = now
+        done, lost, repaired = control.take_loss((self.current, self.previous))
+        if done or lost:
+            self.send_control(control.loss(done, lost, repaired), now)
 
     def encrypt(self, packet: bytes, now: float) -> bytes | None:
         """Hot path: one IP packet to one datagram, or None (no session yet: dropped and counted)."""
@@ -301,10 +311,7 @@ class ClientConnection:
         if self.state in (IDLE, CLOSED):
             return
         if self.current is not None and now - self._last_loss_report >= LOSS_REPORT_INTERVAL:
-            self._last_loss_report = now
-            done, lost, repaired = control.take_loss((self.current, self.previous))
-            if done or lost:
-                self.send_control(control.loss(done, lost, repaired), now)
+            self._report_loss(now)
         if self.previous is not None and now - self.previous.created >= REJECT_AFTER_TIME:
             self.previous.wipe()
             self.previous = None

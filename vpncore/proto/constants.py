@@ -30,6 +30,7 @@ FEATURE_PARITY = "parity"
 SUPER_PARITY_NO = 255       # frag_no of a super-packet's parity fragment
 SUPER_PARITY_MIN = 3        # fewest data fragments a super-packet with parity has
 LOSS_REPORT_INTERVAL = 1    # seconds between `loss` reports by a receiver of super-packets (§6.3)
+LOSS_REPORT_EARLY = 0.1     # ... but one goes out this soon after the previous when a super-packet is lost
 
 # Sizes in bytes.
 KEY_LEN = 32

@@ -139,3 +139,58 @@ def _segment_udp(packet: bytes, v: int, ihl: int, size: int) -> list[bytes]:
             ip = packet[:4] + _H.pack(8 + len(seg)) + packet[6:40]
         out.append(ip + bytes(udp) + seg)
     return out
+
+
+def split(data: bytes, max_bytes: int) -> list[bytes]:
+    """Cut a TCP super-packet read (virtio_net_hdr + packet) into super-packets of whole segments
+    with at most `max_bytes` of payload each, still in virtio_net_hdr form (local behaviour, §5.6).
+
+    Why: a TCP connection takes its super-packet size from the TUN's gso_max_size once, when it
+    connects; lowering it under loss (gsosize) helps only new connections. Pieces get their own IP
+    length, IPv4 ID and header checksum, TCP sequence number and flags (FIN/PSH on the last piece,
+    CWR on the first), and the pseudo-header sum of their length in the checksum field, which is
+    what NEEDS_CSUM asks the receiving kernel to complete. Anything else (UDP, no NEEDS_CSUM, not
+    bigger than `max_bytes`, malformed) comes back unchanged as the only item."""
+    flags, gso_type, _hdr_len, mss, _csum_start, _csum_offset = VNET_HDR.unpack_from(data)
+    kind = gso_type & ~GSO_ECN
+    if kind not in (GSO_TCPV4, GSO_TCPV6) or not flags & NEEDS_CSUM or mss <= 0:
+        return [data]
+    packet = memoryview(data)[VNET_HDR_LEN:]
+    v = packet[0] >> 4
+    if v == 4:
+        ihl = (packet[0] & 0x0F) * 4
+    elif v == 6:
+        ihl = 40
+    else:
+        return [data]
+    per = max(1, max_bytes // mss) * mss
+    if len(packet) < ihl + 20:
+        return [data]
+    start = ihl + (packet[ihl + 12] >> 4) * 4
+    payload = packet[start:]
+    if len(payload) <= per or start > len(packet):
+        return [data]
+    vnet = bytes(data[:VNET_HDR_LEN])
+    hdr = bytes(packet[:start])
+    seq0 = _I.unpack_from(packet, ihl + 4)[0]
+    flags0 = packet[ihl + 13]
+    ident0 = _H.unpack_from(packet, 4)[0] if v == 4 else 0
+    tcp0 = hdr[ihl:start]
+    count = -(-len(payload) // per)
+    out = []
+    for k in range(count):
+        seg = payload[k * per:(k + 1) * per]
+        tcp = bytearray(tcp0)
+        tcp[4:8] = _I.pack((seq0 + k * per) & 0xFFFFFFFF)
+        fl = flags0 if k == count - 1 else flags0 & ~0x09
+        if k:
+            fl &= ~0x80
+        tcp[13] = fl
+        tcp_len = len(tcp) + len(seg)
+        tcp[16:18] = _H.pack(_pseudo(hdr, v, _IPPROTO_TCP, tcp_len))
+        if v == 4:
+            ip = _ipv4_header(hdr[:ihl], ihl + tcp_len, ident0 + k * (per // mss))
+        else:
+            ip = hdr[:4] + _H.pack(tcp_len) + hdr[6:40]
+        out.append(b"".join((vnet, ip, tcp, seg)))
+    return out

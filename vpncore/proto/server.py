@@ -18,7 +18,7 @@ from typing import Callable
 
 from . import control
 from .constants import (
-    FEATURE_PARITY, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, LOSS_REPORT_INTERVAL, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
+    FEATURE_PARITY, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, LOSS_REPORT_EARLY, LOSS_REPORT_INTERVAL, KIND_CONTROL, KIND_DATA, KIND_SUPER, MSG_INITIATION,
     MSG_TRANSPORT, REJECT_AFTER_TIME, VNET_HDR_LEN,
 )
 from .cookie import CookieChecker, CookieGenerator
@@ -45,7 +45,7 @@ class Peer:
     """One client's live session on the server. Memory-only: never pickled, printed as an index."""
 
     __slots__ = ("public_key", "endpoint", "current", "previous", "next", "last_timestamp", "state",
-                 "last_rx", "data_rx_since", "last_tx", "app", "handle", "super", "parity",
+                 "last_rx", "data_rx_since", "last_tx", "app", "handle", "super", "parity", "loss_at",
                  "__weakref__")
 
     def __init__(self, public_key: bytes, handle: int):
@@ -60,6 +60,7 @@ class Peer:
         self.app = None   # the policy layer's data (assigned addresses, account)
         self.super = False  # the client advertised super-packets in its hello
         self.parity = False  # ... and parity fragments
+        self.loss_at = 0.0   # when we last sent this peer a loss report
 
     def __repr__(self) -> str:
         return f"<Peer #{self.handle:08x}>"
@@ -244,7 +245,10 @@ class ServerProtocol:
         kp = self.by_index.get(index)
         if kp is None:
             raise BadPacket("index")
+        lost = kp.super_lost
         plain = receive_fragment(kp, dg, no, n, counter)
+        if kp.super_lost != lost and now - kp.peer.loss_at >= LOSS_REPORT_EARLY:
+            self._report_loss(kp.peer, now)     # tell the sender at once: it shrinks its super-packets
         if plain is None:
             return None
         peer = self._authenticated(kp, src, now)
@@ -308,9 +312,7 @@ class ServerProtocol:
             self._last_loss_report = now
         for peer in list(self.peers.values()):
             if report and peer.current is not None:
-                done, lost, repaired = control.take_loss((peer.current, peer.previous, peer.next))
-                if done or lost:
-                    self.send_control(peer, control.loss(done, lost, repaired), now)
+                self._report_loss(peer, now)
             for kp in peer.keypairs():
                 if now - kp.created >= self.reject_after:
                     self._forget_keypair(kp)
@@ -326,6 +328,12 @@ class ServerProtocol:
                 peer.last_tx = now
                 peer.data_rx_since = None
                 self._out.append((peer.endpoint, dg))
+
+    def _report_loss(self, peer: Peer, now: float) -> None:
+        peer.loss_at = now
+        done, lost, repaired = control.take_loss((peer.current, peer.previous, peer.next))
+        if done or lost:
+            self.send_control(peer, control.loss(done, lost, repaired), now)
 
     def _forget_keypair(self, kp) -> None:
         self.by_index.pop(kp.local_index, None)
