@@ -12,7 +12,7 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor
+from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_connected
 from vpncore.proto import control
@@ -85,6 +85,7 @@ class Client:
         try:
             self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
             tunlib.set_mtu(self.tun.name, INITIAL_MTU)
+            tunlib.set_gso_max_size(self.tun.name, tun_gso_max_size(INITIAL_MTU))
             tunlib.link_up(self.tun.name)
         except tunlib.TunError as exc:
             self.close()
@@ -159,14 +160,21 @@ class Client:
                 return
 
     async def _udp_loop(self) -> None:
-        recv_batch = self.udp.recv_batch
+        recv_trains = self.udp.recv_trains
         conn = self.conn
         fd = self.tun.fd
         write = os.write
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             now = time.monotonic()
-            for dg, _ in recv_batch(UDP_BATCH):
+            for dg, _, seg in recv_trains(UDP_BATCH):
+                if seg:            # a GRO train: whole super-packets in one step
+                    for packet in conn.receive_train(dg, seg, now):
+                        try:
+                            write(fd, packet)
+                        except OSError:
+                            pass
+                    continue
                 packet = conn.receive_datagram(dg, now)
                 if packet is not None:
                     try:

@@ -8,6 +8,7 @@ a changed configuration (e.g. after the server restarted) replaces it.
 from __future__ import annotations
 
 from vpncore.net import tun as tunlib
+from vpncore.net.gsosize import tun_gso_max_size
 
 
 class Applied:
@@ -23,6 +24,7 @@ class Applied:
         changed = False
         if msg["mtu"] != self.mtu:
             tunlib.set_mtu(self.ifname, msg["mtu"])
+            tunlib.set_gso_max_size(self.ifname, tun_gso_max_size(msg["mtu"]))
             self.mtu = msg["mtu"]
             changed = True
         want = [msg[k] for k in ("ipv4", "ipv6") if k in msg]

@@ -20,10 +20,12 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor
+from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
 from vpncore.net.pump import Udp
 from vpncore.net.udp import open_listener
-from vpncore.proto.constants import CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET, MSG_INITIATION, VNET_HDR_LEN
+from vpncore.proto.constants import (
+    CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET, INITIATION_LEN, MSG_INITIATION, VNET_HDR_LEN,
+)
 from vpncore.proto.events import ControlReceived, LossReported, SessionEnded, SessionStarted
 from vpncore.proto.server import ServerProtocol
 
@@ -121,6 +123,7 @@ class Server:
         self.gso = GsoGovernor()
         self._set_parity()
         tunlib.set_mtu(name, self.cfg.mtu)
+        tunlib.set_gso_max_size(name, tun_gso_max_size(self.cfg.mtu))
         tunlib.link_up(name)
         for pool in self.pools:
             tunlib.add_address(name, pool.server_interface())
@@ -188,16 +191,25 @@ class Server:
     async def _udp_loop(self, udp: Udp) -> None:
         proto = self.proto
         receive = proto.receive_datagram
+        receive_train = proto.receive_train
         deliver = self._deliver
-        recv_batch = udp.recv_batch
+        recv_trains = udp.recv_trains
         fault = self.fault_rate
         while True:
             await trio.lowlevel.wait_readable(udp.sock)
             now = time.monotonic()
-            for dg, src in recv_batch(UDP_BATCH):
-                try:    # containment: a bug met by one datagram costs that datagram, never the server
+            for dg, src, seg in recv_trains(UDP_BATCH):
+                try:    # containment: a bug met by one datagram (or train) costs it, never the server
                     if fault and random.random() < fault:
                         raise RuntimeError("fault injected by a test")
+                    if seg:        # a GRO train: whole super-packets in one step
+                        if seg == INITIATION_LEN:     # a flood from one source arrives as trains too
+                            self._initiations += sum(dg[i] == MSG_INITIATION for i in range(0, len(dg), seg))
+                        for res in receive_train(dg, seg, src[:2], now):
+                            deliver(res[0], res[1], now)
+                        if proto.has_events:
+                            self._handle_events(now)
+                        continue
                     if dg and dg[0] == MSG_INITIATION:
                         self._initiations += 1
                     res = receive(dg, src[:2], now)

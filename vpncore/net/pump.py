@@ -42,6 +42,17 @@ class Udp:
     def recv_batch(self, cap: int) -> list:
         """Up to `cap` reads: a list of (datagram, address); GRO trains are split back into datagrams."""
         out = []
+        for data, addr, seg in self.recv_trains(cap):
+            if seg:
+                out.extend((data[i:i + seg], addr) for i in range(0, len(data), seg))
+            else:
+                out.append((data, addr))
+        return out
+
+    def recv_trains(self, cap: int) -> list:
+        """Up to `cap` reads: a list of (data, address, seg). A GRO train comes whole with its segment
+        size `seg` (datagrams of seg bytes, the last maybe shorter); a single datagram has seg 0."""
+        out = []
         recvmsg = self.sock.recvmsg
         for _ in range(cap):
             try:
@@ -52,13 +63,13 @@ class Udp:
                 self.errors += 1
                 continue
             seg = 0
-            for level, kind, value in anc:
-                if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
-                    seg = _GRO.unpack_from(value)[0]
-            if seg and len(data) > seg:
-                out.extend((data[i:i + seg], addr) for i in range(0, len(data), seg))
-            else:
-                out.append((data, addr))
+            if anc:
+                for level, kind, value in anc:
+                    if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+                        seg = _GRO.unpack_from(value)[0]
+                if seg >= len(data):
+                    seg = 0
+            out.append((data, addr, seg))
         return out
 
     def send(self, frames: list, addr=None) -> None:

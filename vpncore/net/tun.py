@@ -19,7 +19,7 @@ import struct
 import subprocess
 
 __all__ = [
-    "TunError", "Tun", "open_tun", "set_mtu", "add_address", "add_route", "link_up",
+    "TunError", "Tun", "open_tun", "set_mtu", "set_gso_max_size", "add_address", "add_route", "link_up",
     "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN", "TUN_F_USO4", "TUN_F_USO6",
     "VNET_HDR_LEN",
 ]
@@ -211,6 +211,11 @@ def _parse(cidr: str, *, network: bool) -> tuple[str, str]:
 def set_mtu(name: str, mtu: int) -> None:
     """Set the interface MTU (IPv6 needs at least 1280)."""
     _ip(f"set MTU {mtu} on {name}", "link", "set", "dev", name, "mtu", str(int(mtu)))
+
+
+def set_gso_max_size(name: str, size: int) -> None:
+    """The largest super-packet the kernel hands over (a TCP connection reads it when it connects)."""
+    _ip(f"set gso_max_size {size} on {name}", "link", "set", "dev", name, "gso_max_size", str(int(size)))
 
 
 def add_address(name: str, cidr: str) -> None:

@@ -26,7 +26,7 @@ from .handshake import consume_response, create_initiation
 from .noise import public_key
 from .gso import ZERO_VNET_HDR
 from .session import ip_packet_length, pad
-from .superpacket import parse_fragment, receive_fragment, seal_read
+from .superpacket import open_whole, parse_fragment, receive_fragment, seal_read, train_items
 from .wire import unpack_transport_header_untrusted
 
 IDLE, HANDSHAKING, ESTABLISHED, CLOSED = "idle", "handshaking", "established", "closed"
@@ -199,6 +199,26 @@ class ClientConnection:
             self._report_loss(now)      # tell the sender at once: it shrinks its super-packets
         if plain is None:
             return None
+        return self._super_delivered(plain, now)
+
+    def receive_train(self, buf: bytes, seg: int, now: float) -> list:
+        """A UDP GRO train from the server (datagrams of `seg` bytes, the last maybe shorter): the IP
+        packets for the TUN, as receive_datagram gives them one by one. Whole super-packets in it
+        are taken in one step (superpacket.whole_in_train)."""
+        out = []
+        for dg, whole in train_items(buf, seg, self.vnet_hdr):
+            if whole is None:
+                got = self.receive_datagram(dg, now)
+                if got is not None:
+                    out.append(got)
+                continue
+            try:
+                out.append(self._super_delivered(open_whole(self._keypair_for(whole[0]), dg, whole[1], whole[2]), now))
+            except BadPacket as exc:
+                self.drops[exc.reason] += 1
+        return out
+
+    def _super_delivered(self, plain: bytes, now: float) -> bytes:
         self.rx_bytes += len(plain)
         self.last_rx = now
         self._unanswered_since = None

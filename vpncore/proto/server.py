@@ -28,7 +28,7 @@ from .handshake import ZERO_PSK, consume_initiation, create_response
 from .noise import public_key
 from .gso import ZERO_VNET_HDR
 from .session import ip_packet_length, pad
-from .superpacket import parse_fragment, receive_fragment, seal_read
+from .superpacket import open_whole, parse_fragment, receive_fragment, seal_read, train_items
 from .wire import check_initiation_untrusted, unpack_transport_header_untrusted
 
 # Peer session states and their one table of transitions (SPEC §8.2).
@@ -251,6 +251,9 @@ class ServerProtocol:
             self._report_loss(kp.peer, now)     # tell the sender at once: it shrinks its super-packets
         if plain is None:
             return None
+        return self._super_delivered(kp, plain, src, now)
+
+    def _super_delivered(self, kp, plain: bytes, src: tuple, now: float):
         peer = self._authenticated(kp, src, now)
         self.rx_bytes += len(plain)
         if peer.data_rx_since is None:
@@ -259,6 +262,27 @@ class ServerProtocol:
         if size <= 0:
             raise BadPacket("inner-length")
         return peer, plain[:VNET_HDR_LEN + size]
+
+    def receive_train(self, buf: bytes, seg: int, src: tuple, now: float) -> list:
+        """A UDP GRO train from `src` (datagrams of `seg` bytes, the last maybe shorter): the
+        (peer, packet) results of its datagrams, as receive_datagram gives them one by one. Whole
+        super-packets in it are taken in one step (superpacket.whole_in_train); never raises."""
+        out = []
+        for dg, whole in train_items(buf, seg, self.vnet_hdr):
+            if whole is None:
+                got = self.receive_datagram(dg, src, now)
+            else:
+                try:
+                    kp = self.by_index.get(whole[0])
+                    if kp is None:
+                        raise BadPacket("index")
+                    got = self._super_delivered(kp, open_whole(kp, dg, whole[1], whole[2]), src, now)
+                except BadPacket as exc:
+                    self.drops[exc.reason] += 1
+                    continue
+            if got is not None:
+                out.append(got)
+        return out
 
     def _confirm(self, peer: Peer, kp) -> None:
         if peer.previous is not None:
