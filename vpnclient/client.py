@@ -13,7 +13,7 @@ from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import Udp
+from vpncore.net.pump import BATCH_BYTES, BATCH_READS, Udp
 from vpncore.net.udp import open_connected
 from vpncore.proto import control
 from vpncore.proto.constants import VNET_HDR_LEN
@@ -25,11 +25,6 @@ from .config import ClientConfig, ServerEntry
 from .locations import NOTICE, PROBE, SWITCH, Failover, Target, open_socket
 from .system import Applied
 
-# Reads per wakeup before the loop yields to the other direction. Measured (bench, ping p99 under a
-# TCP upload): caps of 8/16 did not lower latency and cost throughput, so the caps are only a bound.
-# Overridable for experiments (VPN_TUN_BATCH, VPN_UDP_BATCH).
-TUN_BATCH = int(os.environ.get("VPN_TUN_BATCH", 256))
-UDP_BATCH = int(os.environ.get("VPN_UDP_BATCH", 256))
 TICK = 0.2
 TUN_READ_SIZE = 65536 + VNET_HDR_LEN
 INITIAL_MTU = 1420
@@ -167,7 +162,7 @@ class Client:
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             now = time.monotonic()
-            for dg, _, seg in recv_trains(UDP_BATCH):
+            for dg, _, seg in recv_trains(BATCH_READS, BATCH_BYTES):
                 if seg:            # a GRO train: whole super-packets in one step
                     for packet in conn.receive_train(dg, seg, now):
                         try:
@@ -193,13 +188,17 @@ class Client:
             await trio.lowlevel.wait_readable(fd)
             now = time.monotonic()
             chunk = (self.applied.mtu or INITIAL_MTU) + 16
-            for _ in range(TUN_BATCH):
+            got = 0
+            for _ in range(BATCH_READS):
+                if got >= BATCH_BYTES:
+                    break
                 try:
                     packet = read(fd, TUN_READ_SIZE)
                 except BlockingIOError:
                     break
                 except OSError:
                     break
+                got += len(packet)
                 if len(packet) > SPLIT_ABOVE and self.gso is not None:
                     for piece in self.gso.pieces(packet):
                         frames = encrypt_frames(piece, now, chunk)

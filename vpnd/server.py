@@ -21,7 +21,7 @@ from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import Udp
+from vpncore.net.pump import BATCH_BYTES, BATCH_READS, Udp
 from vpncore.net.udp import open_listener
 from vpncore.proto.constants import (
     CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET, INITIATION_LEN, MSG_INITIATION, VNET_HDR_LEN,
@@ -38,11 +38,6 @@ from .policy import Policy
 from .pool import AddressPool
 from .stats import DailyStats
 
-# Reads per wakeup before the loop yields to the other direction. Measured (bench, ping p99 under a
-# TCP upload): caps of 8/16 did not lower latency and cost throughput, so the caps are only a bound.
-# Overridable for experiments (VPN_TUN_BATCH, VPN_UDP_BATCH).
-TUN_BATCH = int(os.environ.get("VPN_TUN_BATCH", 256))
-UDP_BATCH = int(os.environ.get("VPN_UDP_BATCH", 256))
 TICK = 0.25
 UNDER_LOAD_INITIATIONS_PER_TICK = 64
 # Cookie replies per tick under load (24,576/s). One costs ~7 us of Python plus a sendto: this bounds
@@ -198,7 +193,7 @@ class Server:
         while True:
             await trio.lowlevel.wait_readable(udp.sock)
             now = time.monotonic()
-            for dg, src, seg in recv_trains(UDP_BATCH):
+            for dg, src, seg in recv_trains(BATCH_READS, BATCH_BYTES):
                 try:    # containment: a bug met by one datagram (or train) costs it, never the server
                     if fault and random.random() < fault:
                         raise RuntimeError("fault injected by a test")
@@ -290,7 +285,10 @@ class Server:
         while True:
             await trio.lowlevel.wait_readable(fd)
             now = time.monotonic()
-            for _ in range(TUN_BATCH):
+            got = 0
+            for _ in range(BATCH_READS):
+                if got >= BATCH_BYTES:
+                    break
                 try:
                     packet = read(fd, TUN_READ_SIZE)
                 except BlockingIOError:
@@ -298,6 +296,7 @@ class Server:
                 except OSError:
                     self.counters["tun-read-error"] += 1
                     break
+                got += len(packet)
                 if len(packet) <= VNET_HDR_LEN:
                     continue
                 if packet[VNET_HDR_LEN] >> 4 == 4:
