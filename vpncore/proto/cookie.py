@@ -26,7 +26,6 @@ from .errors import BadPacket
 from .wire import pack_cookie_reply, unpack_cookie_reply_untrusted
 
 ZERO_MAC = bytes(MAC_LEN)
-blake2s = hashlib.blake2s
 
 
 def _hash(data: bytes) -> bytes:
@@ -113,7 +112,7 @@ class CookieChecker:
     def mac2_ok(self, msg: bytes, src: tuple, now: float, cookie: bytes | None = None) -> bool:
         at = len(msg) - MAC_LEN
         cookie = cookie or self.cookie_for(src, now)
-        return hmac.compare_digest(blake2s(msg[:at], key=cookie, digest_size=MAC_LEN).digest(), msg[at:])
+        return hmac.compare_digest(mac(cookie, msg[:at]), msg[at:])
 
     def make_reply(self, msg: bytes, receiver: int, src: tuple, now: float, cookie: bytes | None = None) -> bytes:
         nonce = self._rng(COOKIE_NONCE_LEN)
