@@ -15,9 +15,20 @@ from vpncore.proto import gso
 from vpncore.proto.constants import VNET_HDR_LEN
 
 
-def test_starts_small_with_parity_and_grows_without_it_after_clean_reports():
+def test_starts_large_without_parity():
     g = GsoGovernor()
+    assert g.size == LARGE and not g.parity
+    assert g.pieces(b"x" * (SPLIT_ABOVE + 1)) == [b"x" * (SPLIT_ABOVE + 1)]
+
+
+def _lossy(g):
+    g.report(80, 20)
     assert g.size == SMALL and g.parity
+
+
+def test_heavy_loss_shrinks_and_adds_parity_then_clean_reports_grow_without_it():
+    g = GsoGovernor()
+    _lossy(g)
     for i in range(GROW_AFTER - 1):
         g.report(100, 0)
         assert g.size == SMALL and g.parity, i
@@ -25,19 +36,17 @@ def test_starts_small_with_parity_and_grows_without_it_after_clean_reports():
     assert g.size == LARGE and not g.parity
 
 
-def test_loss_brings_parity_back_and_heavy_loss_shrinks():
+def test_light_loss_brings_parity_and_heavy_loss_shrinks():
     g = GsoGovernor()
-    for _ in range(GROW_AFTER):
-        g.report(100, 0)
-    assert g.size == LARGE and not g.parity
-    g.report(990, 10)                 # 1 %: below the shrink threshold, but parity comes back
+    g.report(990, 10)                 # 1 %: below the shrink threshold, but parity comes on
     assert g.size == LARGE and g.parity
-    g.report(90, 10)                  # 10 %: small again
+    g.report(90, 10)                  # 10 %: small as well
     assert g.size == SMALL and g.parity
 
 
 def test_repaired_super_packets_keep_parity_on_and_the_size_small():
     g = GsoGovernor()
+    _lossy(g)
     for _ in range(3 * GROW_AFTER):
         g.report(1000, 0, repaired=80)      # parity is doing its job: loss is still there
     assert g.size == SMALL and g.parity
@@ -48,6 +57,7 @@ def test_repaired_super_packets_keep_parity_on_and_the_size_small():
 
 def test_empty_reports_change_nothing():
     g = GsoGovernor()
+    _lossy(g)
     for _ in range(10):
         g.report(0, 0)
     assert g.size == SMALL and g.parity
@@ -104,7 +114,9 @@ def test_reads_that_are_not_cut():
 def test_governor_cuts_only_while_small():
     g = GsoGovernor()
     read = tcp_read(60000)
-    assert len(read) > SPLIT_ABOVE and len(g.pieces(read)) == 4
+    assert len(read) > SPLIT_ABOVE and g.pieces(read) == [read]
+    _lossy(g)
+    assert len(g.pieces(read)) == 4
     for _ in range(GROW_AFTER):
         g.report(100, 0)
     assert g.pieces(read) == [read]

@@ -37,7 +37,7 @@ def test_both_sides_agree_from_hello_and_config():
 
 def test_a_lost_fragment_is_rebuilt_and_reported_as_repaired():
     server, client, src, peer = _agreed("parity-rebuild")
-    server.parity = True
+    peer.add_parity = True
     data = _gso_read(8000)
     frames = server.encrypt_frames(peer, data, 1.0, CHUNK)
     assert frames[-1][2] == SUPER_PARITY_NO and len(frames) == 7      # 6 data fragments + parity
@@ -55,9 +55,9 @@ def test_a_lost_fragment_is_rebuilt_and_reported_as_repaired():
 def test_no_parity_unless_the_embedding_and_the_peer_want_it():
     server, client, src, peer = _agreed("parity-off")
     data = _gso_read(8000)
-    assert server.parity is False
+    assert peer.add_parity is False
     assert all(f[2] != SUPER_PARITY_NO for f in server.encrypt_frames(peer, data, 1.0, CHUNK))
-    server.parity = True
+    peer.add_parity = True
     peer.parity = False                            # a client that did not list the feature
     assert all(f[2] != SUPER_PARITY_NO for f in server.encrypt_frames(peer, data, 1.0, CHUNK))
     client.parity = True

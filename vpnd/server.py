@@ -53,9 +53,10 @@ V4_SRC, V4_DST, V6_SRC, V6_DST = VNET_HDR_LEN + 12, VNET_HDR_LEN + 16, VNET_HDR_
 class PeerInfo:
     """What the policy layer attaches to a live peer: its tunnel addresses (packed)."""
 
-    __slots__ = ("addresses", "allowed", "account", "__weakref__")
+    __slots__ = ("addresses", "allowed", "account", "gso", "__weakref__")
 
     def __init__(self, account=None):
+        self.gso = GsoGovernor()   # this peer's super-packet size and parity, from its loss reports
         self.addresses = []     # ipaddress objects
         self.allowed = set()    # packed bytes, for the inner-source check
         self.account = account  # policy.AccountState, or None for a [[client]] without an account
@@ -95,7 +96,7 @@ class Server:
         self._udps: list[Udp] = []       # one per socket, made when the loops start
         self._stop = trio.Event()
         self._listener = None
-        self.gso = None                  # set when the TUN is open (bench/micro runs without)
+        self.cut = False                 # cut big reads while a peer reports loss (not in bench/micro)
         self._egress_seen: dict[str, int] = {}
         self.dns = None                  # DnsForwarder on the tunnel addresses (issue 6), opened in open()
 
@@ -115,8 +116,7 @@ class Server:
                                                    "stop it first or set a different control_socket")
         self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
         name = self.tun.name
-        self.gso = GsoGovernor()
-        self._set_parity()
+        self.cut = True
         tunlib.set_mtu(name, self.cfg.mtu)
         tunlib.set_gso_max_size(name, tun_gso_max_size(self.cfg.mtu))
         tunlib.link_up(name)
@@ -266,8 +266,8 @@ class Server:
         if ep is None:
             return
         udp = self._udp_by_family[socket.AF_INET6 if ":" in ep[0] else socket.AF_INET]
-        if len(packet) > SPLIT_ABOVE and self.gso is not None:
-            for piece in self.gso.pieces(packet):
+        if len(packet) > SPLIT_ABOVE and self.cut:
+            for piece in peer.app.gso.pieces(packet):
                 frames = self.proto.encrypt_frames(peer, piece, now, self.chunk)
                 if frames:
                     udp.send(frames, ep)
@@ -406,9 +406,10 @@ class Server:
             elif isinstance(ev, SessionEnded):
                 self._end_session(ev.peer)
             elif isinstance(ev, LossReported):
-                if self.gso is not None:
-                    self.gso.report(ev.done, ev.lost, ev.repaired)
-                    self._set_parity()
+                info = ev.peer.app if ev.peer is not None else None
+                if info is not None:
+                    info.gso.report(ev.done, ev.lost, ev.repaired)
+                    ev.peer.add_parity = info.gso.parity
             elif isinstance(ev, ControlReceived):
                 if ev.msg["type"] == "hello" and ev.peer.app is not None:
                     self.proto.send_control(ev.peer, self._config_for(ev.peer), now)
@@ -437,10 +438,6 @@ class Server:
         self.sessions_started += 1
         self.stats.connection()
         self.log.event("session-started", active=len(self.proto.peers))
-
-    def _set_parity(self) -> None:
-        """Parity fragments on our super-packets while clients report loss (gsosize)."""
-        self.proto.parity = self.gso is not None and self.gso.parity
 
     def _release(self, addr) -> None:
         self.routes.pop(addr.packed, None)

@@ -45,7 +45,8 @@ class Peer:
     """One client's live session on the server. Memory-only: never pickled, printed as an index."""
 
     __slots__ = ("public_key", "endpoint", "current", "previous", "next", "last_timestamp", "state",
-                 "last_rx", "data_rx_since", "last_tx", "app", "handle", "super", "parity", "loss_at",
+                 "last_rx", "data_rx_since", "last_tx", "app", "handle", "super", "parity", "add_parity",
+                 "loss_at",
                  "__weakref__")
 
     def __init__(self, public_key: bytes, handle: int):
@@ -60,6 +61,7 @@ class Peer:
         self.app = None   # the policy layer's data (assigned addresses, account)
         self.super = False  # the client advertised super-packets in its hello
         self.parity = False  # ... and parity fragments
+        self.add_parity = False   # the embedding's choice for this peer: add parity (under loss, §5.5)
         self.loss_at = 0.0   # when we last sent this peer a loss report
 
     def __repr__(self) -> str:
@@ -85,7 +87,6 @@ class ServerProtocol:
         self.under_load = False
         self.reject_after = REJECT_AFTER_TIME     # shortened only by tests (vpnd's test hooks)
         self.shedding = False     # set by the embedding over its memory cap: no new handshakes
-        self.parity = False       # the embedding's choice: add parity to super-packets (under loss)
         self.cookie_budget = float("inf")   # cookie replies the embedding still allows (vpnd: per tick)
         self._last_loss_report = 0.0
         self.vnet_hdr = vnet_hdr   # our TUN carries virtio_net_hdr: take super-packets, return framed packets
@@ -311,7 +312,7 @@ class ServerProtocol:
         if kp is None:
             self.drops["no-session"] += 1
             return []
-        frames = seal_read(kp, data, chunk, peer.super, self.parity and peer.parity)
+        frames = seal_read(kp, data, chunk, peer.super, peer.add_parity and peer.parity)
         peer.last_tx = now
         peer.data_rx_since = None
         self.tx_bytes += len(data)
