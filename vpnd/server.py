@@ -221,7 +221,8 @@ class Server:
     def _deliver(self, peer, packet: bytes, now: float) -> None:
         """Cryptokey routing: the inner source must be the sender's address; then to a peer or the TUN.
 
-        `packet` is virtio_net_hdr + IP packet, as our TUN takes it."""
+        `packet` is virtio_net_hdr + IP packet, as our TUN takes it (bytes, or a memoryview of a
+        super-packet's plaintext without its padding)."""
         info = peer.app
         if info is None:
             self.counters["inner-source"] += 1
@@ -234,9 +235,9 @@ class Server:
             acct.bytes_in += len(packet)
         v = packet[VNET_HDR_LEN] >> 4
         if v == 4:
-            src, dst = packet[V4_SRC:V4_SRC + 4], packet[V4_DST:V4_DST + 4]
+            src, dst = bytes(packet[V4_SRC:V4_SRC + 4]), bytes(packet[V4_DST:V4_DST + 4])
         elif v == 6:
-            src, dst = packet[V6_SRC:V6_SRC + 16], packet[V6_DST:V6_DST + 16]
+            src, dst = bytes(packet[V6_SRC:V6_SRC + 16]), bytes(packet[V6_DST:V6_DST + 16])
         else:
             self.counters["inner-version"] += 1
             return
@@ -248,7 +249,7 @@ class Server:
             if not self.cfg.client_to_client:
                 self.counters["client-to-client"] += 1
                 return
-            self._send_to(other, packet, now)
+            self._send_to(other, bytes(packet), now)
             return
         try:
             os.write(self.tun.fd, packet)

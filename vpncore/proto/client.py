@@ -25,7 +25,7 @@ from .events import ControlReceived, HandshakeCompleted, LossReported, ServerClo
 from .handshake import consume_response, create_initiation
 from .noise import public_key
 from .gso import ZERO_VNET_HDR
-from .session import ip_packet_length, pad
+from .session import ip_packet_length, pad, strip_padding as _strip
 from .superpacket import open_whole, parse_fragment, receive_fragment, seal_read, train_items
 from .wire import unpack_transport_header_untrusted
 
@@ -227,7 +227,7 @@ class ClientConnection:
         size = ip_packet_length(plain, VNET_HDR_LEN)
         if size <= 0:
             raise BadPacket("inner-length")
-        return plain[:VNET_HDR_LEN + size]
+        return _strip(plain, VNET_HDR_LEN + size)
 
     def _receive_control(self, msg: dict, now: float) -> None:
         if msg["type"] == "close":

@@ -27,7 +27,7 @@ from .events import ControlReceived, LossReported, SessionEnded, SessionStarted
 from .handshake import ZERO_PSK, consume_initiation, create_response
 from .noise import public_key
 from .gso import ZERO_VNET_HDR
-from .session import ip_packet_length, pad
+from .session import ip_packet_length, pad, strip_padding as _strip
 from .superpacket import open_whole, parse_fragment, receive_fragment, seal_read, train_items
 from .wire import check_initiation_untrusted, unpack_transport_header_untrusted
 
@@ -262,7 +262,7 @@ class ServerProtocol:
         size = ip_packet_length(plain, VNET_HDR_LEN)
         if size <= 0:
             raise BadPacket("inner-length")
-        return peer, plain[:VNET_HDR_LEN + size]
+        return peer, _strip(plain, VNET_HDR_LEN + size)
 
     def receive_train(self, buf: bytes, seg: int, src: tuple, now: float) -> list:
         """A UDP GRO train from `src` (datagrams of `seg` bytes, the last maybe shorter): the
