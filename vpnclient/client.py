@@ -13,7 +13,7 @@ from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import BATCH_BYTES, BATCH_READS, Udp
+from vpncore.net.pump import BATCH_BYTES, BATCH_READS, TunWriter, Udp
 from vpncore.net.udp import open_connected
 from vpncore.proto import control
 from vpncore.proto.constants import VNET_HDR_LEN
@@ -58,6 +58,7 @@ class Client:
         self._connect_started = time.monotonic()
         self._announced = None        # the connection whose first handshake was reported
         self.tun = None
+        self.tun_writer = None
         self.gso = None
         self.sock = None
         self.udp = None
@@ -81,6 +82,7 @@ class Client:
             self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
             tunlib.set_mtu(self.tun.name, INITIAL_MTU)
             tunlib.set_gso_max_size(self.tun.name, tun_gso_max_size(INITIAL_MTU))
+            self.tun_writer = None if os.environ.get("VPN_TUN_INLINE") else TunWriter(self.tun.fd)
             tunlib.link_up(self.tun.name)
         except tunlib.TunError as exc:
             self.close()
@@ -97,6 +99,9 @@ class Client:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self.tun_writer is not None:
+            self.tun_writer.close()
+            self.tun_writer = None
         if self.tun is not None:
             self.tun.close()     # removes the device with every address and route we added
             self.tun = None
@@ -154,28 +159,28 @@ class Client:
                 self._stop.set()
                 return
 
+    def _write_tun(self, packet) -> None:
+        """Without a TunWriter (bench/micro's fake TUN): inline; a failed write is the packet's loss."""
+        try:
+            os.write(self.tun.fd, packet)
+        except OSError:
+            pass
+
     async def _udp_loop(self) -> None:
         recv_trains = self.udp.recv_trains
         conn = self.conn
-        fd = self.tun.fd
-        write = os.write
+        write = self.tun_writer.write if self.tun_writer is not None else self._write_tun
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             now = time.monotonic()
             for dg, _, seg in recv_trains(BATCH_READS, BATCH_BYTES):
                 if seg:            # a GRO train: whole super-packets in one step
                     for packet in conn.receive_train(dg, seg, now):
-                        try:
-                            write(fd, packet)
-                        except OSError:
-                            pass
+                        write(packet)
                     continue
                 packet = conn.receive_datagram(dg, now)
                 if packet is not None:
-                    try:
-                        write(fd, packet)
-                    except OSError:
-                        pass
+                    write(packet)
             self._handle_events()
             self._flush()
 

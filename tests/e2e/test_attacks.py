@@ -556,8 +556,8 @@ def handshake_flood(site: Site, rate: float, measure_s: float, connect_wait: flo
     topo, srv = site.topo, site.server
     wd = site.workdir
     iperf = H.Iperf(topo)
-    # warm-up: the super-packet size starts at 16 KiB and grows after 3 clean loss reports (SPEC §6.3),
-    # so a cold first baseline would understate the throughput the flood is compared with
+    # warm-up: a cold first baseline (a fresh TCP connection's first seconds, the processes' first
+    # packets) would understate the throughput the flood is compared with
     iperf.run(topo.clients[0], 4, *iperf_args)
     base1 = H.Iperf.tcp_mbit(iperf.run(topo.clients[0], measure_s, *iperf_args))
     drops0 = srv.drops()

@@ -1,0 +1,134 @@
+"""TunWriter (vpncore/net/pump.py): TUN writes from a thread, in the order they were handed over, with
+a bounded queue. A blocking AF_UNIX datagram socketpair stands in for the TUN fd (a unit test: the e2e
+tests and bench/e2e.py run it on real TUN devices)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from vpncore.net.pump import TunWriter
+
+BIG = TunWriter.THREAD_ABOVE + 1
+
+
+def _pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    return a, b
+
+
+def _read_all(b, n):
+    b.settimeout(5)
+    return [b.recv(1 << 17) for _ in range(n)]
+
+
+def _reader(b, n):
+    """Read n datagrams in a thread while the test writes (the socket buffer is smaller than all)."""
+    got = []
+    t = threading.Thread(target=lambda: got.extend(_read_all(b, n)), daemon=True)
+    t.start()
+    return t, got
+
+
+def _wait(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def test_big_and_small_packets_arrive_in_the_order_written():
+    a, b = _pair()
+    w = TunWriter(a.fileno())
+    try:
+        packets = []
+        for i in range(200):
+            size = BIG + i if i % 3 else 40 + i          # small ones between big ones
+            packets.append(bytes([i % 256]) * size)
+        t, got = _reader(b, len(packets))
+        for p in packets:
+            while w._queued - w._done >= w.cap:     # a TUN never blocks; this socket can
+                time.sleep(0.001)
+            w.write(p)
+        t.join(10)
+        assert got == packets
+        assert w.errors == 0 and w.dropped == 0
+    finally:
+        w.close()
+        a.close()
+        b.close()
+
+
+def test_memoryviews_are_written_as_their_bytes():
+    a, b = _pair()
+    w = TunWriter(a.fileno())
+    try:
+        plain = bytes(range(256)) * 64
+        w.write(memoryview(plain)[:BIG])
+        w.write(memoryview(plain)[:100])
+        assert _read_all(b, 2) == [plain[:BIG], plain[:100]]
+    finally:
+        w.close()
+        a.close()
+        b.close()
+
+
+def test_a_stuck_fd_fills_the_queue_to_its_cap_then_drops_and_counts():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)    # the reader does not read: writes block
+    w = TunWriter(a.fileno(), cap=8)
+    try:
+        sent = 0
+        while w.dropped == 0:
+            w.write(b"x" * BIG)
+            sent += 1
+            assert sent < 10_000
+        # the cap bounds what waits: the thread holds one in a blocked write, `cap` wait in the queue
+        assert w._queued - w._done <= w.cap
+        assert w.dropped == 1 and w.errors == 0
+        b.settimeout(5)
+        got = 0
+        while got < sent - 1:            # every packet but the dropped one comes out
+            assert len(b.recv(1 << 17)) == BIG
+            got += 1
+        _wait(lambda: w._done == w._queued)
+        w.write(b"small")               # the thread is idle again: written inline
+        assert b.recv(100) == b"small"
+    finally:
+        w.close()
+        a.close()
+        b.close()
+
+
+def test_a_failed_write_is_counted_not_raised():
+    a, b = _pair()
+    w = TunWriter(a.fileno())
+    try:
+        b.close()                        # the peer is gone: writes fail with ECONNREFUSED
+        w.write(b"y" * 10)               # inline
+        w.write(b"z" * BIG)              # from the thread
+        _wait(lambda: w.errors == 2)
+    finally:
+        w.close()
+        a.close()
+
+
+def test_not_threaded_writes_big_packets_inline_while_the_thread_is_idle():
+    a, b = _pair()
+    w = TunWriter(a.fileno())
+    try:
+        w.threaded = False                  # vpnd under a handshake flood
+        w.write(b"q" * BIG)
+        assert w._queued == 0               # not handed over
+        assert _read_all(b, 1) == [b"q" * BIG]
+        w.threaded = True
+        w.write(b"r" * BIG)
+        assert w._queued == 1
+        assert _read_all(b, 1) == [b"r" * BIG]
+    finally:
+        w.close()
+        a.close()
+        b.close()
