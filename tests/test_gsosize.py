@@ -156,3 +156,55 @@ def test_frames_of_mixed_sizes_go_one_by_one():
     finally:
         tx.close()
         rx.close()
+
+
+# --- single datagrams held over a batch (Udp.send_runs) ---------------------------------------------
+
+class _Recorder:
+    """Stands in for the socket to see how datagrams are grouped into sendmsg calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def setsockopt(self, *a):
+        pass
+
+    def sendmsg(self, buffers, cmsg=(), flags=0, addr=None):
+        (seg,) = struct.unpack("=H", cmsg[0][2])
+        self.calls.append(("train", seg, b"".join(buffers)))
+
+    def sendto(self, data, addr):
+        self.calls.append(("one", len(data), data))
+
+    def send(self, data):
+        self.calls.append(("one", len(data), data))
+
+
+def test_send_runs_groups_equal_sizes_into_trains_in_order():
+    udp = Udp(_Recorder())
+    dgs = [b"a" * 80] * 5 + [b"b" * 50] + [b"c" * 120] + [b"d" * 60] * 2 + [b"e" * 61]
+    udp.send_runs(dgs, ("198.18.0.1", 1))
+    calls = udp.sock.calls
+    # 5 x 80 and the shorter 50: one train; 120 and the shorter 60: another; 60 alone (61 is longer)
+    assert [(c[0], c[1]) for c in calls] == [("train", 80), ("train", 120), ("one", 60), ("one", 61)]
+    assert b"".join(c[2] for c in calls) == b"".join(dgs)
+
+
+def test_send_runs_caps_a_train_at_the_gso_limits():
+    udp = Udp(_Recorder())
+    dgs = [bytes([i]) * 1452 for i in range(100)]
+    udp.send_runs(dgs)
+    sizes = [len(c[2]) // 1452 for c in udp.sock.calls]
+    assert sizes == [45, 45, 10] and b"".join(c[2] for c in udp.sock.calls) == b"".join(dgs)
+
+
+def test_send_runs_on_a_real_socket_delivers_every_datagram_in_order():
+    tx, rx = _pair()
+    try:
+        udp = Udp(tx)
+        dgs = [bytes([i]) * (64 if i % 7 else 40) for i in range(60)]
+        udp.send_runs(dgs)
+        assert [rx.recv(65535) for _ in dgs] == dgs and udp.errors == 0
+    finally:
+        tx.close()
+        rx.close()

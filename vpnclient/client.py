@@ -189,6 +189,8 @@ class Client:
         read = os.read
         encrypt_frames = self.conn.encrypt_frames
         send = self.udp.send
+        send_runs = self.udp.send_runs
+        held = []           # single datagrams of this batch, sent as trains (Udp.send_runs)
         while True:
             await trio.lowlevel.wait_readable(fd)
             now = time.monotonic()
@@ -205,14 +207,21 @@ class Client:
                     break
                 got += len(packet)
                 if len(packet) > SPLIT_ABOVE and self.gso is not None:
-                    for piece in self.gso.pieces(packet):
-                        frames = encrypt_frames(piece, now, chunk)
-                        if frames:
-                            send(frames)
-                    continue
-                frames = encrypt_frames(packet, now, chunk)
-                if frames:
-                    send(frames)
+                    pieces = self.gso.pieces(packet)
+                else:
+                    pieces = (packet,)
+                for piece in pieces:
+                    frames = encrypt_frames(piece, now, chunk)
+                    if len(frames) == 1:
+                        held.append(frames[0])
+                    elif frames:
+                        if held:            # in order: what came before goes first
+                            send_runs(held)
+                            held.clear()
+                        send(frames)
+            if held:
+                send_runs(held)
+                held.clear()
 
     async def _timer_loop(self) -> None:
         while True:

@@ -97,6 +97,7 @@ class Server:
         self._stop = trio.Event()
         self._listener = None
         self.tun_writer = None
+        self._held = None                # {endpoint: (Udp, [datagram])} during a TUN batch, else None
         self.cut = False                 # cut big reads while a peer reports loss (not in bench/micro)
         self._egress_seen: dict[str, int] = {}
         self.dns = None                  # DnsForwarder on the tunnel addresses (issue 6), opened in open()
@@ -275,15 +276,23 @@ class Server:
         if ep is None:
             return
         udp = self._udp_by_family[socket.AF_INET6 if ":" in ep[0] else socket.AF_INET]
-        if len(packet) > SPLIT_ABOVE and self.cut:
-            for piece in peer.app.gso.pieces(packet):
-                frames = self.proto.encrypt_frames(peer, piece, now, self.chunk)
-                if frames:
-                    udp.send(frames, ep)
-            return
-        frames = self.proto.encrypt_frames(peer, packet, now, self.chunk)
-        if frames:
-            udp.send(frames, ep)
+        pieces = peer.app.gso.pieces(packet) if len(packet) > SPLIT_ABOVE and self.cut else (packet,)
+        held = self._held
+        for piece in pieces:
+            frames = self.proto.encrypt_frames(peer, piece, now, self.chunk)
+            if len(frames) == 1 and held is not None:
+                held.setdefault(ep, (udp, []))[1].append(frames[0])
+            elif frames:
+                if held and ep in held:        # in order: what came before goes first
+                    udp.send_runs(held.pop(ep)[1], ep)
+                udp.send(frames, ep)
+
+    def _send_held(self) -> None:
+        """The single datagrams held over one batch of TUN reads, as trains (Udp.send_runs)."""
+        held = self._held
+        for ep, (udp, datagrams) in held.items():
+            udp.send_runs(datagrams, ep)
+        held.clear()
 
     async def _tun_loop(self) -> None:
         fd = self.tun.fd
@@ -295,6 +304,7 @@ class Server:
             await trio.lowlevel.wait_readable(fd)
             now = time.monotonic()
             got = 0
+            self._held = {}
             for _ in range(BATCH_READS):
                 if got >= BATCH_BYTES:
                     break
@@ -322,6 +332,11 @@ class Server:
                 except Exception:
                     self.counters["internal-error"] += 1
             packet = peer = None
+            try:
+                self._send_held()
+            except Exception:
+                self.counters["internal-error"] += 1
+            self._held = None     # forget fast: no endpoint lingers between batches
 
     async def _timer_loop(self) -> None:
         while True:

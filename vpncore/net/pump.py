@@ -135,6 +135,25 @@ class Udp:
                     self.errors += 1
                     self.last_errno = exc.errno
 
+    def send_runs(self, datagrams: list, addr=None) -> None:
+        """Single datagrams gathered over one batch of TUN reads (small packets: ACKs, a UDP flow),
+        in order: each run of equal sizes, the last of a run maybe shorter, goes as one GSO train
+        (one sendmsg instead of one per datagram; the receiver takes the train with one recvmsg)."""
+        i, n = 0, len(datagrams)
+        while i < n:
+            size = len(datagrams[i])
+            limit = min(n, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+            j = i + 1
+            while j < limit and len(datagrams[j]) == size:
+                j += 1
+            if j < limit and len(datagrams[j]) < size:      # a shorter one may end a train
+                j += 1
+            if j - i == 1:
+                self._send_one(datagrams[i], addr)
+            else:
+                self.send(datagrams[i:j], addr)
+            i = j
+
     def _send_one(self, frame: bytes, addr) -> None:
         try:
             if addr is None:
