@@ -1,5 +1,5 @@
 """TunWriter (vpncore/net/pump.py): TUN writes from a thread, in the order they were handed over, with
-a bounded queue. A blocking AF_UNIX datagram socketpair stands in for the TUN fd (a unit test: the e2e
+a bounded queue (write() waits for room; it drops only when the thread stalls). A blocking AF_UNIX datagram socketpair stands in for the TUN fd (a unit test: the e2e
 tests and bench/e2e.py run it on real TUN devices)."""
 
 from __future__ import annotations
@@ -70,6 +70,33 @@ def test_memoryviews_are_written_as_their_bytes():
         w.write(memoryview(plain)[:BIG])
         w.write(memoryview(plain)[:100])
         assert _read_all(b, 2) == [plain[:BIG], plain[:100]]
+    finally:
+        w.close()
+        a.close()
+        b.close()
+
+
+def test_a_full_queue_makes_write_wait_for_room_not_drop():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)    # a few packets in flight at most
+    w = TunWriter(a.fileno(), cap=2)
+    got = []
+
+    def slow_reader():
+        b.settimeout(5)
+        for _ in range(40):
+            time.sleep(0.002)
+            got.append(b.recv(1 << 17))
+
+    t = threading.Thread(target=slow_reader, daemon=True)
+    t.start()
+    try:
+        packets = [bytes([i]) * BIG for i in range(40)]
+        for p in packets:
+            w.write(p)
+            assert w._queued - w._done <= w.cap
+        t.join(10)
+        assert got == packets and w.dropped == 0 and w.errors == 0
     finally:
         w.close()
         a.close()

@@ -176,12 +176,17 @@ class TunWriter:
     writes, 3,301-3,516 with the thread; download 3,340-3,533 and 3,252-3,604 (no gain that way).
     VPN_TUN_INLINE=1 in the environment turns the thread off, for such comparisons. Small packets (ACKs, a ping) are written inline while the thread is idle: a
     hand-over costs a thread wake-up, more than their write; while it is busy they queue behind it,
-    so the order on the TUN is the order of write() calls. At most `cap` packets wait (4 MiB of
-    super-packets); beyond that a packet is dropped and counted, as a full TUN queue would."""
+    so the order on the TUN is the order of write() calls.
+
+    At most `cap` packets wait: a packet queued behind them waits ~40 us for each (a ping behind 64
+    super-packets took p99 under a TCP upload from ~7 to 11.5 ms). With `cap` waiting, write() blocks
+    until the thread has room, as an inline write would take that long; it drops and counts a packet
+    only if the thread made no progress for STALL seconds (a TUN write never blocks that long)."""
 
     THREAD_ABOVE = 8192     # bytes: bigger packets go to the thread
+    STALL = 0.5             # seconds without progress before write() gives up on a packet
 
-    def __init__(self, fd: int, cap: int = 64):
+    def __init__(self, fd: int, cap: int = 8):
         self.fd = fd
         self.cap = cap
         self.errors = 0          # failed writes (the thread's and the inline ones)
@@ -189,6 +194,9 @@ class TunWriter:
         self.threaded = True     # False: every packet inline while the thread is idle (the owner's choice)
         self._queued = 0         # handed to the thread (main thread only)
         self._done = 0           # written by the thread (the thread only)
+        self._room = threading.Lock()     # released by the thread when write() waits for room
+        self._room.acquire()
+        self._waiting_room = False
         self._q = queue.SimpleQueue()
         self._put = self._q.put
         self._thread = threading.Thread(target=self._run, name="tun-writer", daemon=True)
@@ -202,11 +210,25 @@ class TunWriter:
             except OSError:
                 self.errors += 1
             return
-        if waiting >= self.cap:
+        if waiting >= self.cap and not self._wait_for_room():
             self.dropped += 1
             return
         self._queued += 1
         self._put(packet)
+
+    def _wait_for_room(self) -> bool:
+        """Block (GIL released) until fewer than `cap` wait; False if the thread stalled."""
+        done = self._done
+        while self._queued - self._done >= self.cap:
+            self._waiting_room = True
+            if self._queued - self._done < self.cap:   # it finished one meanwhile
+                break
+            if not self._room.acquire(timeout=self.STALL) and self._done == done:
+                self._waiting_room = False
+                return False
+            done = self._done
+        self._waiting_room = False
+        return True
 
     def _run(self) -> None:
         get, write, fd = self._q.get, os.write, self.fd
@@ -221,6 +243,11 @@ class TunWriter:
                 self.errors += 1
             done += 1
             self._done = done
+            if self._waiting_room:
+                try:
+                    self._room.release()
+                except RuntimeError:     # already released
+                    pass
 
     def close(self) -> None:
         """Stop the thread after the packets already handed over (call before closing the fd)."""
