@@ -13,7 +13,7 @@ from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import BATCH_BYTES, BATCH_READS, TunWriter, Udp
+from vpncore.net.pump import BATCH_BYTES, BATCH_READS, HOLD_DATAGRAMS, TunWriter, Udp
 from vpncore.net.udp import open_connected
 from vpncore.proto import control
 from vpncore.proto.constants import VNET_HDR_LEN
@@ -214,6 +214,9 @@ class Client:
                     frames = encrypt_frames(piece, now, chunk)
                     if len(frames) == 1:
                         held.append(frames[0])
+                        if len(held) >= HOLD_DATAGRAMS:
+                            send_runs(held)
+                            held.clear()
                     elif frames:
                         if held:            # in order: what came before goes first
                             send_runs(held)

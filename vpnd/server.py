@@ -21,7 +21,7 @@ from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import BATCH_BYTES, BATCH_READS, TunWriter, Udp
+from vpncore.net.pump import BATCH_BYTES, BATCH_READS, HOLD_DATAGRAMS, TunWriter, Udp
 from vpncore.net.udp import open_listener
 from vpncore.proto.constants import (
     CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET, INITIATION_LEN, MSG_INITIATION, VNET_HDR_LEN,
@@ -281,7 +281,10 @@ class Server:
         for piece in pieces:
             frames = self.proto.encrypt_frames(peer, piece, now, self.chunk)
             if len(frames) == 1 and held is not None:
-                held.setdefault(ep, (udp, []))[1].append(frames[0])
+                waiting = held.setdefault(ep, (udp, []))[1]
+                waiting.append(frames[0])
+                if len(waiting) >= HOLD_DATAGRAMS:
+                    udp.send_runs(held.pop(ep)[1], ep)
             elif frames:
                 if held and ep in held:        # in order: what came before goes first
                     udp.send_runs(held.pop(ep)[1], ep)

@@ -31,6 +31,11 @@ _CMSG_SPACE = socket.CMSG_SPACE(4)
 # Bytes, not reads, so that small datagrams (a handshake flood) still come 256 to a wakeup.
 # Overridable for experiments (VPN_BATCH_READS, VPN_BATCH_BYTES).
 BATCH_READS = int(os.environ.get("VPN_BATCH_READS", 256))
+# Single datagrams held for a train (Udp.send_runs) leave once this many wait: a ping reply read among
+# ACKs must not wait for the whole batch (which, with the TUN writer thread making ACKs meanwhile,
+# can be 256 reads, ~2 ms). A train holds at most ~45 datagrams of a tunnel MTU anyway. Overridable
+# (VPN_HOLD_DATAGRAMS; 1 sends each at once) for experiments.
+HOLD_DATAGRAMS = int(os.environ.get("VPN_HOLD_DATAGRAMS", 32))
 BATCH_BYTES = int(os.environ.get("VPN_BATCH_BYTES", 8 << 16))
 _SEG = struct.Struct("=H")
 _GRO = struct.Struct("=i")
