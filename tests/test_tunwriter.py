@@ -4,6 +4,7 @@ tests and bench/e2e.py run it on real TUN devices)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -13,11 +14,20 @@ from vpncore.net.pump import TunWriter
 BIG = TunWriter.THREAD_ABOVE + 1
 
 
-def _pair():
+@contextlib.contextmanager
+def _writer(sndbuf: int = 1 << 20, **kw):
+    """(writer, its fd's socket, the reading end), closed afterwards. A small `sndbuf` makes writes
+    block while the reader does not read."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    return a, b
+    w = TunWriter(a.fileno(), **kw)
+    try:
+        yield w, a, b
+    finally:
+        w.close()
+        a.close()
+        b.close()
 
 
 def _read_all(b, n):
@@ -41,9 +51,7 @@ def _wait(cond, timeout=5.0):
 
 
 def test_big_and_small_packets_arrive_in_the_order_written():
-    a, b = _pair()
-    w = TunWriter(a.fileno())
-    try:
+    with _writer() as (w, a, b):
         packets = []
         for i in range(200):
             size = BIG + i if i % 3 else 40 + i          # small ones between big ones
@@ -56,58 +64,38 @@ def test_big_and_small_packets_arrive_in_the_order_written():
         t.join(10)
         assert got == packets
         assert w.errors == 0 and w.dropped == 0
-    finally:
-        w.close()
-        a.close()
-        b.close()
 
 
 def test_memoryviews_are_written_as_their_bytes():
-    a, b = _pair()
-    w = TunWriter(a.fileno())
-    try:
+    with _writer() as (w, a, b):
         plain = bytes(range(256)) * 64
         w.write(memoryview(plain)[:BIG])
         w.write(memoryview(plain)[:100])
         assert _read_all(b, 2) == [plain[:BIG], plain[:100]]
-    finally:
-        w.close()
-        a.close()
-        b.close()
 
 
 def test_a_full_queue_makes_write_wait_for_room_not_drop():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)    # a few packets in flight at most
-    w = TunWriter(a.fileno(), cap=2)
     got = []
 
-    def slow_reader():
+    def slow_reader(b):
         b.settimeout(5)
         for _ in range(40):
             time.sleep(0.002)
             got.append(b.recv(1 << 17))
 
-    t = threading.Thread(target=slow_reader, daemon=True)
-    t.start()
-    try:
+    with _writer(32768, cap=2) as (w, a, b):     # a few packets in flight at most
+        t = threading.Thread(target=slow_reader, args=(b,), daemon=True)
+        t.start()
         packets = [bytes([i]) * BIG for i in range(40)]
         for p in packets:
             w.write(p)
             assert w._queued - w._done <= w.cap
         t.join(10)
         assert got == packets and w.dropped == 0 and w.errors == 0
-    finally:
-        w.close()
-        a.close()
-        b.close()
 
 
 def test_a_stuck_fd_fills_the_queue_to_its_cap_then_drops_and_counts():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)    # the reader does not read: writes block
-    w = TunWriter(a.fileno(), cap=8)
-    try:
+    with _writer(32768, cap=8) as (w, a, b):     # the reader does not read: writes block
         sent = 0
         while w.dropped == 0:
             w.write(b"x" * BIG)
@@ -124,29 +112,18 @@ def test_a_stuck_fd_fills_the_queue_to_its_cap_then_drops_and_counts():
         _wait(lambda: w._done == w._queued)
         w.write(b"small")               # the thread is idle again: written inline
         assert b.recv(100) == b"small"
-    finally:
-        w.close()
-        a.close()
-        b.close()
 
 
 def test_a_failed_write_is_counted_not_raised():
-    a, b = _pair()
-    w = TunWriter(a.fileno())
-    try:
+    with _writer() as (w, a, b):
         b.close()                        # the peer is gone: writes fail with ECONNREFUSED
         w.write(b"y" * 10)               # inline
         w.write(b"z" * BIG)              # from the thread
         _wait(lambda: w.errors == 2)
-    finally:
-        w.close()
-        a.close()
 
 
 def test_not_threaded_writes_big_packets_inline_while_the_thread_is_idle():
-    a, b = _pair()
-    w = TunWriter(a.fileno())
-    try:
+    with _writer() as (w, a, b):
         w.threaded = False                  # vpnd under a handshake flood
         w.write(b"q" * BIG)
         assert w._queued == 0               # not handed over
@@ -155,7 +132,3 @@ def test_not_threaded_writes_big_packets_inline_while_the_thread_is_idle():
         w.write(b"r" * BIG)
         assert w._queued == 1
         assert _read_all(b, 1) == [b"r" * BIG]
-    finally:
-        w.close()
-        a.close()
-        b.close()

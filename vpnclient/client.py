@@ -13,7 +13,7 @@ from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import BATCH_BYTES, BATCH_READS, HOLD_DATAGRAMS, TunWriter, Udp
+from vpncore.net.pump import BATCH_BYTES, BATCH_READS, HeldSends, TunWriter, Udp
 from vpncore.net.udp import open_connected
 from vpncore.proto import control
 from vpncore.proto.constants import VNET_HDR_LEN
@@ -188,9 +188,9 @@ class Client:
         fd = self.tun.fd
         read = os.read
         encrypt_frames = self.conn.encrypt_frames
-        send = self.udp.send
-        send_runs = self.udp.send_runs
-        held = []           # single datagrams of this batch, sent as trains (Udp.send_runs)
+        udp = self.udp
+        held = HeldSends()
+        send = held.send
         while True:
             await trio.lowlevel.wait_readable(fd)
             now = time.monotonic()
@@ -211,20 +211,8 @@ class Client:
                 else:
                     pieces = (packet,)
                 for piece in pieces:
-                    frames = encrypt_frames(piece, now, chunk)
-                    if len(frames) == 1:
-                        held.append(frames[0])
-                        if len(held) >= HOLD_DATAGRAMS:
-                            send_runs(held)
-                            held.clear()
-                    elif frames:
-                        if held:            # in order: what came before goes first
-                            send_runs(held)
-                            held.clear()
-                        send(frames)
-            if held:
-                send_runs(held)
-                held.clear()
+                    send(udp, encrypt_frames(piece, now, chunk))
+            held.flush()
 
     async def _timer_loop(self) -> None:
         while True:

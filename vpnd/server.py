@@ -21,7 +21,7 @@ from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import BATCH_BYTES, BATCH_READS, HOLD_DATAGRAMS, TunWriter, Udp
+from vpncore.net.pump import BATCH_BYTES, BATCH_READS, HeldSends, TunWriter, Udp
 from vpncore.net.udp import open_listener
 from vpncore.proto.constants import (
     CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET, INITIATION_LEN, MSG_INITIATION, VNET_HDR_LEN,
@@ -97,7 +97,7 @@ class Server:
         self._stop = trio.Event()
         self._listener = None
         self.tun_writer = None
-        self._held = None                # {endpoint: (Udp, [datagram])} during a TUN batch, else None
+        self._held = None                # HeldSends during a TUN batch, else None
         self.cut = False                 # cut big reads while a peer reports loss (not in bench/micro)
         self._egress_seen: dict[str, int] = {}
         self.dns = None                  # DnsForwarder on the tunnel addresses (issue 6), opened in open()
@@ -280,22 +280,10 @@ class Server:
         held = self._held
         for piece in pieces:
             frames = self.proto.encrypt_frames(peer, piece, now, self.chunk)
-            if len(frames) == 1 and held is not None:
-                waiting = held.setdefault(ep, (udp, []))[1]
-                waiting.append(frames[0])
-                if len(waiting) >= HOLD_DATAGRAMS:
-                    udp.send_runs(held.pop(ep)[1], ep)
+            if held is not None:
+                held.send(udp, frames, ep)
             elif frames:
-                if held and ep in held:        # in order: what came before goes first
-                    udp.send_runs(held.pop(ep)[1], ep)
                 udp.send(frames, ep)
-
-    def _send_held(self) -> None:
-        """The single datagrams held over one batch of TUN reads, as trains (Udp.send_runs)."""
-        held = self._held
-        for ep, (udp, datagrams) in held.items():
-            udp.send_runs(datagrams, ep)
-        held.clear()
 
     async def _tun_loop(self) -> None:
         fd = self.tun.fd
@@ -303,11 +291,12 @@ class Server:
         routes = self.routes
         send_to = self._send_to
         fault = self.fault_rate
+        held = HeldSends()
         while True:
             await trio.lowlevel.wait_readable(fd)
             now = time.monotonic()
             got = 0
-            self._held = {}
+            self._held = held
             for _ in range(BATCH_READS):
                 if got >= BATCH_BYTES:
                     break
@@ -335,11 +324,11 @@ class Server:
                 except Exception:
                     self.counters["internal-error"] += 1
             packet = peer = None
+            self._held = None
             try:
-                self._send_held()
+                held.flush()
             except Exception:
                 self.counters["internal-error"] += 1
-            self._held = None     # forget fast: no endpoint lingers between batches
 
     async def _timer_loop(self) -> None:
         while True:

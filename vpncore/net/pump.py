@@ -31,12 +31,12 @@ _CMSG_SPACE = socket.CMSG_SPACE(4)
 # Bytes, not reads, so that small datagrams (a handshake flood) still come 256 to a wakeup.
 # Overridable for experiments (VPN_BATCH_READS, VPN_BATCH_BYTES).
 BATCH_READS = int(os.environ.get("VPN_BATCH_READS", 256))
+BATCH_BYTES = int(os.environ.get("VPN_BATCH_BYTES", 8 << 16))
 # Single datagrams held for a train (Udp.send_runs) leave once this many wait: a ping reply read among
 # ACKs must not wait for the whole batch (which, with the TUN writer thread making ACKs meanwhile,
 # can be 256 reads, ~2 ms). A train holds at most ~45 datagrams of a tunnel MTU anyway. Overridable
 # (VPN_HOLD_DATAGRAMS; 1 sends each at once) for experiments.
 HOLD_DATAGRAMS = int(os.environ.get("VPN_HOLD_DATAGRAMS", 32))
-BATCH_BYTES = int(os.environ.get("VPN_BATCH_BYTES", 8 << 16))
 _SEG = struct.Struct("=H")
 _GRO = struct.Struct("=i")
 
@@ -170,6 +170,38 @@ class Udp:
             self.last_errno = exc.errno or 0
 
 
+class HeldSends:
+    """The sends of one batch of TUN reads: single datagrams (ACKs, a UDP flow) are held per endpoint
+    and leave as trains (Udp.send_runs) once HOLD_DATAGRAMS wait, before a super-packet's fragments
+    to the same endpoint (order kept), or at flush() at the end of the batch."""
+
+    __slots__ = ("_by_addr",)
+
+    def __init__(self):
+        self._by_addr: dict = {}     # endpoint -> (Udp, [datagram]); empty between batches
+
+    def send(self, udp: Udp, frames: list, addr=None) -> None:
+        if len(frames) == 1:
+            entry = self._by_addr.get(addr)
+            if entry is None:
+                entry = self._by_addr[addr] = (udp, [])
+            entry[1].append(frames[0])
+            if len(entry[1]) >= HOLD_DATAGRAMS:
+                udp.send_runs(self._by_addr.pop(addr)[1], addr)
+        elif frames:
+            entry = self._by_addr.pop(addr, None)
+            if entry is not None:
+                udp.send_runs(entry[1], addr)
+            udp.send(frames, addr)
+
+    def flush(self) -> None:
+        by_addr = self._by_addr
+        try:
+            for addr, (udp, datagrams) in by_addr.items():
+                udp.send_runs(datagrams, addr)
+        finally:
+            by_addr.clear()      # forget fast: no endpoint lingers between batches
+
 
 class TunWriter:
     """Writes packets to a TUN fd, the big ones from a thread of its own; always in order.
@@ -179,9 +211,10 @@ class TunWriter:
     next receive and decryption (which releases it too) on the other core. Measured in bench/e2e.py's
     topology, 4 x 8 s single TCP stream each, alternating: upload 3,069-3,341 Mbit/s with inline
     writes, 3,301-3,516 with the thread; download 3,340-3,533 and 3,252-3,604 (no gain that way).
-    VPN_TUN_INLINE=1 in the environment turns the thread off, for such comparisons. Small packets (ACKs, a ping) are written inline while the thread is idle: a
-    hand-over costs a thread wake-up, more than their write; while it is busy they queue behind it,
-    so the order on the TUN is the order of write() calls.
+    VPN_TUN_INLINE=1 in the environment turns the thread off, for such comparisons. Small packets
+    (ACKs, a ping) are written inline while the thread is idle: a hand-over costs a thread wake-up,
+    more than their write; while it is busy they queue behind it, so the order on the TUN is the
+    order of write() calls.
 
     At most `cap` packets wait: a packet queued behind them waits ~40 us for each (a ping behind 64
     super-packets took p99 under a TCP upload from ~7 to 11.5 ms). With `cap` waiting, write() blocks
