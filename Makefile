@@ -1,8 +1,8 @@
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump
-SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump
+SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump conntrack iptables
+SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump conntrack iptables
 
 .PHONY: all deps-system venv test soak demo clean deps-bench bench bench-quick
 

@@ -1,4 +1,4 @@
-"""vpnclient command line: genkey, pubkey, up, status, down, locations."""
+"""vpnclient command line: genkey, pubkey, up, status, down, locations, bypass."""
 
 from __future__ import annotations
 
@@ -16,9 +16,31 @@ PROG = "vpnclient"
 EXIT_CODES = """\
 exit status:
   0   success ('up': stopped by 'vpnclient down', SIGTERM or Ctrl-C, with everything undone)
-  1   runtime failure: not running, no privileges, network, nftables, the server refused this device
+  1   runtime failure: not running, no privileges, network, nftables, policy routing or cgroup v2
+      missing, the server refused this device ('up' then leaves the kill switch on, failing closed:
+      'vpnclient down' removes it)
   2   bad command line or config file (the message says what to fix)
   70  internal error (a bug; 'up' then leaves the kill switch on: 'vpnclient down' removes it)"""
+
+CHOICES = """\
+client config choices ([client] section; see 'vpnclient/config.py'):
+  full_tunnel = true|false   unset: a pushed 0.0.0.0/0 or ::/0 sends all traffic of that family
+                             through the tunnel (routing table 51820, 'ip rule' prefs 32760-32762;
+                             the main table is never changed); true: every family the tunnel has an
+                             address for; false: only the pushed non-default routes
+  kill_switch = true|false|"always"
+                             true (default): only the tunnel and the servers can be reached while
+                             'up' runs, and after it fails, until 'vpnclient down'; "always": also
+                             after 'down', Ctrl-C and SIGTERM with no client running, until
+                             'vpnclient down --disable-kill-switch'
+  allow_lan = true           local networks (10/8, 172.16/12, 192.168/16, 169.254/16, fc00::/7,
+                             fe80::/10 and the machine's own networks) stay reachable outside the
+                             tunnel, through the kill switch
+  exclude = ["CIDR", ...]    these destinations bypass the tunnel and the kill switch
+  fwmark = 51820, route_table = 51820
+                             the tunnel sockets' SO_MARK and the full tunnel's routing table
+  'vpnclient bypass -- COMMAND ARGS...' runs COMMAND outside the tunnel (a cgroup v2 whose sockets
+  carry fwmark; needs a running 'up' and the cgroup v2 hierarchy mounted)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,13 +49,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="The VPN client.", epilog=EXIT_CODES,
+    p = _Parser(prog=PROG, description="The VPN client.", epilog=CHOICES + "\n\n" + EXIT_CODES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.add_parser("genkey", help="print a new private key")
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
     up = sub.add_parser("up", help="connect and run in the foreground until Ctrl-C, SIGTERM or 'down'",
-                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=CHOICES + "\n\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("--config", "-c", required=True, metavar="FILE")
     up.add_argument("--log-level", choices=["quiet", "info", "verbose", "debug"], default="info")
     up.add_argument("--location", metavar="CODE", help="use only the servers of this location (see 'locations')")
@@ -49,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--socket", metavar="PATH", help="the control socket of the running client")
         if name == "status":
             s.add_argument("--json", action="store_true", help="print JSON for scripts")
+        else:
+            s.add_argument("--disable-kill-switch", action="store_true",
+                           help='also remove a permanent kill switch (kill_switch = "always"); without '
+                                'it, down keeps that one, blocking everything outside the tunnel')
+    by = sub.add_parser("bypass", help="run one program whose traffic skips the tunnel (needs a running 'up')",
+                        epilog="example: vpnclient bypass -- curl https://example.net/",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = by.add_mutually_exclusive_group()
+    g.add_argument("--config", "-c", metavar="FILE", help="find the running client from this config")
+    g.add_argument("--socket", metavar="PATH", help="the control socket of the running client")
+    by.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
+                    help="the program to run, after '--'")
     loc = sub.add_parser("locations", help="list the servers of a config: name, location, endpoint")
     loc.add_argument("--config", "-c", metavar="FILE", help="the client config (default: /etc/vpnclient/vpn0.toml)")
     loc.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -76,10 +110,10 @@ def _running(path: str) -> bool:
     return True
 
 
-def _user_error_only(exc: BaseException) -> bool:
+def _only(exc: BaseException, kinds: tuple) -> bool:
     if isinstance(exc, BaseExceptionGroup):
-        return all(_user_error_only(e) for e in exc.exceptions)
-    return isinstance(exc, (UserError, KeyboardInterrupt))
+        return all(_only(e, kinds) for e in exc.exceptions)
+    return isinstance(exc, kinds)
 
 
 def up(args) -> int:
@@ -87,7 +121,7 @@ def up(args) -> int:
 
     from vpncore.log import LEVELS, Log
 
-    from . import locations
+    from . import locations, routing
     from .client import Client, new_connection
     from .config import load
     from .guard import Guard
@@ -99,11 +133,13 @@ def up(args) -> int:
     if _running(cfg.control_socket):
         raise UserError(f"another vpnclient is already running with control socket {cfg.control_socket}; "
                         f"stop it with 'vpnclient down' or set a different control_socket", 1)
+    if cfg.full_tunnel is not False:
+        routing.check_support()
 
     def out(line: str) -> None:
         print(line, flush=True)
 
-    guard = Guard(cfg, kill_switch=cfg.kill_switch and not args.no_kill_switch, out=out)
+    guard = Guard(cfg, kill_switch=False if args.no_kill_switch else cfg.kill_switch, out=out)
     cache = guard.recover()
     out(f"vpnclient: resolving {len(cfg.servers)} server endpoint{'s' if len(cfg.servers) > 1 else ''}")
     every, cache = locations.resolve(cfg.servers, cache, out)
@@ -114,6 +150,7 @@ def up(args) -> int:
     client = None
     try:
         guard.engage([t.address for t in every], cache)   # every location: failover needs no rule change
+        guard.offer_bypass()
 
         async def main():
             nonlocal client, targets
@@ -121,7 +158,8 @@ def up(args) -> int:
             if args.fastest:
                 out(f"vpnclient: measuring handshake round trips to {len(targets)} server"
                     f"{'s' if len(targets) > 1 else ''}")
-                targets, conn = await locations.measure(targets, lambda s: new_connection(cfg, s))
+                targets, conn = await locations.measure(targets, lambda s: new_connection(cfg, s),
+                                                        mark=cfg.fwmark)
                 for line in locations.format_rtts(targets):
                     out(line)
                 if conn is None:
@@ -133,14 +171,15 @@ def up(args) -> int:
 
         trio.run(main)
     except BaseException as exc:
-        if _user_error_only(exc):          # an orderly failure: undo everything, then the one line
-            for line in guard.release():
+        if _only(exc, (UserError, KeyboardInterrupt)):   # orderly: undo; a failure keeps the kill switch
+            for line in guard.release(failed=not _only(exc, (KeyboardInterrupt,))):
                 out(line)
         else:                              # a bug: fail closed, keep the kill switch and the resolver
             print(f"{PROG}: the kill switch and the DNS settings stay in place; "
                   f"'vpnclient down --config {args.config}' removes them", file=sys.stderr, flush=True)
         raise
-    for line in guard.release():
+    failed = client is not None and client.exit_status != 0
+    for line in guard.release(failed=failed):   # a failed run keeps the kill switch (fails closed)
         out(line)
     out("vpnclient: disconnected")
     return client.exit_status if client is not None else 0
@@ -167,6 +206,7 @@ def format_status(st: dict) -> str:
         ("dns", ", ".join(st.get("dns") or []) or "-"),
         ("resolver", st.get("resolver") or "unchanged"),
         ("kill switch", ks),
+        ("full tunnel", " and ".join(st.get("full_tunnel") or []) or "no"),
         ("failovers", f"{st.get('failovers', 0)} (of {st.get('servers', 1)} servers)"),
         ("bytes in", st.get("bytes_in")),
         ("bytes out", st.get("bytes_out")),
@@ -202,15 +242,20 @@ def down(args) -> int:
     from types import SimpleNamespace
 
     from .client import query
-    from .config import STATE_DIR, load, state_file
+    from .config import DEFAULT_TABLE, STATE_DIR, load, state_file
     from .guard import undo_crashed_run
 
-    cfg = load(args.config) if args.config else SimpleNamespace(state_file=state_file(STATE_DIR, "vpn0"))
+    cfg = load(args.config) if args.config else SimpleNamespace(state_file=state_file(STATE_DIR, "vpn0"),
+                                                                route_table=DEFAULT_TABLE)
     path = _socket_path(args)
+    disable = args.disable_kill_switch
     if not _running(path):
-        # no client: undo what a crashed or killed one left (kill switch, resolver)
-        if undo_crashed_run(cfg, _running, out=print):
-            print("vpnclient: no client was running; removed what the last run left behind")
+        # no client: undo what a crashed, failed or killed one left (kill switch, routing, resolver)
+        if undo_crashed_run(cfg, _running, out=print, disable_kill_switch=disable):
+            print("vpnclient: no client was running; undid what the last run left behind")
+            return 0
+        if disable:
+            print("vpnclient: no client was running and no kill switch was in place")
             return 0
     query(path, "down")                # with nothing running: the usual "not running" line
     deadline = time.monotonic() + 10
@@ -221,9 +266,23 @@ def down(args) -> int:
     deadline = time.monotonic() + 5       # the client undoes its changes after closing its socket
     while _state_owner(cfg.state_file) == path and time.monotonic() < deadline:
         time.sleep(0.05)
-    undo_crashed_run(cfg, _running, out=print)     # normally nothing left: the client undid everything
+    undo_crashed_run(cfg, _running, out=print, disable_kill_switch=disable)   # normally nothing left
     print("vpnclient: disconnected")
     return 0
+
+
+def run_bypass(args) -> int:
+    from .bypass import run
+    from .client import query
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not argv:
+        raise UserError("say which program to run: vpnclient bypass -- COMMAND [ARGS...]")
+    path = _socket_path(args)
+    if not _running(path):
+        raise UserError(f"no vpnclient is running with control socket {path}; start 'vpnclient up' first "
+                        f"(bypass needs its cgroup)", 1)
+    st = query(path, "status")
+    return run(st.get("bypass_cgroup"), st.get("bypass_unavailable") or "", argv)
 
 
 def list_locations(args) -> int:
@@ -255,6 +314,8 @@ def main(argv=None) -> int:
         return down(args)
     elif args.cmd == "locations":
         return list_locations(args)
+    elif args.cmd == "bypass":
+        return run_bypass(args)
     else:
         parser.print_help()
         return 2

@@ -76,7 +76,7 @@ class Client:
         return self.targets[self.failover.index]
 
     def open(self) -> None:
-        self.sock, self.endpoint = open_connected(self.target.host, self.target.port)
+        self.sock, self.endpoint = open_connected(self.target.host, self.target.port, self.cfg.fwmark)
         self.udp = Udp(self.sock)
         try:
             self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
@@ -243,7 +243,7 @@ class Client:
         """Our own underlay address went away: same server, same session, a new socket (the server
         follows the new source on the first authenticated packet, SPEC §8.5)."""
         self.sock.close()
-        self.sock, self.endpoint = open_socket(self.target, self.out)
+        self.sock, self.endpoint = open_socket(self.target, self.out, self.cfg.fwmark)
         self.udp = Udp(self.sock)
         self._flush()
 
@@ -256,7 +256,7 @@ class Client:
         self.sock.close()
         new = self.targets[self.failover.switched(now)]
         self.out(f"vpnclient: {old.label} {why}; switching to {new.label} at {new.endpoint}")
-        self.sock, self.endpoint = open_socket(new, self.out)
+        self.sock, self.endpoint = open_socket(new, self.out, self.cfg.fwmark)
         self.udp = Udp(self.sock)
         self.conn = new_connection(self.cfg, new.server, self._rng)
         self._set_parity()
@@ -284,6 +284,8 @@ class Client:
                     self.out(f"vpnclient: tunnel up on {self.applied.ifname}: {', '.join(self.applied.addresses)}")
                 if self.guard is not None:
                     for line in self.guard.apply(self.applied.addresses, self.applied.dns):
+                        self.out(line)
+                    for line in self.guard.route(self.applied.ifname, self.applied.routes, self.applied.addresses):
                         self.out(line)
             elif isinstance(ev, LossReported):
                 if self.gso is not None:
@@ -324,6 +326,9 @@ class Client:
             "failovers": self.failover.switches,
             "kill_switch": bool(self.guard and self.guard.kill_switch),
             "resolver": (self.guard.state["resolver"] or {}).get("path") if self.guard else None,
+            "full_tunnel": [f"IPv{f}" for f in self.guard.families] if self.guard else [],
+            "bypass_cgroup": self.guard.state.get("bypass") if self.guard else None,
+            "bypass_unavailable": self.guard.bypass_why if self.guard else "",
         }
 
     def _open_control_socket(self):

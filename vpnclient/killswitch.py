@@ -7,6 +7,10 @@ forward chains drop by default; output accepts only
 - the tunnel interface: IPv4 always, IPv6 only when the server gave the tunnel an IPv6 address
   (otherwise IPv6 is blocked everywhere: nothing IPv6 can leak, and the tunnel carries none),
 - UDP to the configured server endpoints (every location, so a failover needs no rule change),
+- packets that carry the tunnel's mark (`fwmark`: the tunnel's own sockets, and the programs that
+  `vpnclient bypass` runs, bypass.py),
+- the `exclude` networks, and with `allow_lan` the local networks (RFC 1918, 169.254/16, fc00::/7,
+  fe80::/10 and the networks of the machine's own interfaces at `up`),
 - link-scope housekeeping the underlay needs to stay up, which routers never forward and which
   carry no user data: IPv6 router and neighbour solicitations/advertisements (hop limit 255, RFC 4861
   drops any other), MLD reports to ff02::/16 (hop limit 1; switches with MLD snooping need them to
@@ -18,10 +22,11 @@ Forward accepts only what goes into the tunnel (and what comes out of it), so co
 shared connection cannot leak either. A final `counter drop` rule counts what was blocked
 (`nft list table inet vpnclient_killswitch`).
 
-The table is kernel state: it stays when vpnclient is killed (SIGKILL, crash) until
-`vpnclient down` deletes it. Installing is one `nft -f` transaction that deletes any old copy and
-adds the new one, so replacing it (reconnect after a crash, a new tunnel configuration) never
-opens a gap.
+The table is kernel state: it stays when vpnclient is killed (SIGKILL, crash) or fails (a
+runtime error) until `vpnclient down` deletes it; with `kill_switch = "always"` also after `down`,
+with no client running, until `vpnclient down --disable-kill-switch`. Installing is one `nft -f`
+transaction that deletes any old copy and adds the new one, so replacing it (reconnect after a
+crash, a new tunnel configuration) never opens a gap.
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 
+from vpncore.net import links
 from vpncore.userror import UserError
 
 TABLE = "vpnclient_killswitch"
 FAMILY = "inet"
 
 
-def ruleset(ifname: str, endpoints: list[tuple[str, int]], tunnel_ipv6: bool) -> str:
-    """The nft script (one transaction) that installs or replaces the table."""
+def ruleset(ifname: str, endpoints: list[tuple[str, int]], tunnel_ipv6: bool, accept: list[str] = (),
+            mark: int = 0) -> str:
+    """The nft script (one transaction) that installs or replaces the table; `accept`: networks
+    reachable outside the tunnel (exclude, allow_lan), `mark`: the tunnel's fwmark."""
     if not ifname or '"' in ifname or "\\" in ifname:
         raise UserError(f"interface name {ifname!r} cannot be used in a firewall rule; choose a plain name")
     out = ["    oifname \"lo\" accept",
@@ -50,6 +58,11 @@ def ruleset(ifname: str, endpoints: list[tuple[str, int]], tunnel_ipv6: bool) ->
         ip = ipaddress.ip_address(host)          # resolved addresses only, never names
         fam = "ip" if ip.version == 4 else "ip6"
         out.append(f"    {fam} daddr {ip} udp dport {int(port)} accept")
+    if mark:
+        out.append(f"    meta mark {int(mark):#x} accept")
+    for net in sorted(set(accept), key=lambda n: (":" in n, n)):
+        net = ipaddress.ip_network(net)          # validated networks only
+        out.append(f"    {'ip' if net.version == 4 else 'ip6'} daddr {net} accept")
     out += [
         "    icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
         "    icmpv6 type { mld-listener-report, mld2-listener-report } ip6 hoplimit 1 ip6 daddr ff02::/16 accept",
@@ -84,13 +97,19 @@ def _nft(argv: list[str], script: str | None = None) -> subprocess.CompletedProc
         raise UserError("nft did not answer within 15 s; the kill switch could not be changed", 1) from None
 
 
-def install(ifname: str, endpoints: list[tuple[str, int]], tunnel_ipv6: bool = False) -> None:
+def install(ifname: str, endpoints: list[tuple[str, int]], tunnel_ipv6: bool = False, accept: list[str] = (),
+            mark: int = 0) -> None:
     """Install or atomically replace the table."""
-    r = _nft(["-f", "-"], ruleset(ifname, endpoints, tunnel_ipv6))
+    r = _nft(["-f", "-"], ruleset(ifname, endpoints, tunnel_ipv6, accept, mark))
     if r.returncode != 0:
         detail = (r.stderr or "").strip().splitlines()
         raise UserError(f"nftables refused the kill switch ({detail[0] if detail else r.returncode}); check that "
                         f"the kernel has nf_tables, or run 'vpnclient up --no-kill-switch'", 1)
+
+
+def attached_networks(skip: str) -> list[str]:
+    """The networks of this namespace's interface addresses (not loopback, not `skip`)."""
+    return links.attached_networks((skip,))
 
 
 def present() -> bool:

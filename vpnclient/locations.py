@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import trio
 
-from vpncore.net.udp import open_connected
+from vpncore.net.udp import SO_MARK, open_connected
 from vpncore.proto.events import HandshakeCompleted
 from vpncore.userror import UserError
 
@@ -105,8 +105,8 @@ def resolve(servers: list[ServerEntry], cache: dict, out) -> tuple[list[Target],
 
 # --- up --fastest -------------------------------------------------------------------------------
 
-async def _handshake(target: Target, make_conn, results: dict) -> None:
-    sock, _ = open_connected(target.host, target.port)
+async def _handshake(target: Target, make_conn, results: dict, mark: int) -> None:
+    sock, _ = open_connected(target.host, target.port, mark)
     conn = make_conn(target.server)
     results[target.server.name] = (None, conn, sock)
     start = time.monotonic()
@@ -130,14 +130,15 @@ async def _handshake(target: Target, make_conn, results: dict) -> None:
         return          # refused (ICMP port unreachable): no server there; counts as no answer
 
 
-async def measure(targets: list[Target], make_conn, timeout: float = MEASURE_TIMEOUT):
+async def measure(targets: list[Target], make_conn, timeout: float = MEASURE_TIMEOUT, mark: int = 0):
     """Handshake with every target at once; returns (targets sorted by round trip, the fastest's
-    established connection or None). Unanswered targets keep their order, after the others."""
+    established connection or None). Unanswered targets keep their order, after the others.
+    `mark`: SO_MARK of the probe sockets (the full tunnel's exemption, routing.py)."""
     results: dict = {}
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
             for t in targets:
-                nursery.start_soon(_handshake, t, make_conn, results)
+                nursery.start_soon(_handshake, t, make_conn, results, mark)
     for t in targets:
         t.rtt = results.get(t.server.name, (None,))[0]
     ordered = sorted(targets, key=lambda t: math.inf if t.rtt is None else t.rtt)
@@ -219,13 +220,15 @@ class Failover:
         return self.index
 
 
-def open_socket(target: Target, out) -> tuple[socket.socket, tuple]:
-    """A connected socket to `target`; when the network has no route to it right now, an unconnected
-    placeholder (sends fail and are counted, so the policy moves on after HANDSHAKE_GIVEUP)."""
+def open_socket(target: Target, out, mark: int = 0) -> tuple[socket.socket, tuple]:
+    """A connected socket to `target` (SO_MARK `mark`); when the network has no route to it right now,
+    an unconnected placeholder (sends fail and are counted, so the policy moves on after HANDSHAKE_GIVEUP)."""
     try:
-        return open_connected(target.host, target.port)
+        return open_connected(target.host, target.port, mark)
     except UserError as exc:
         out(f"vpnclient: {target.label}: {exc}")
         sock = socket.socket(socket.AF_INET6 if ":" in target.host else socket.AF_INET, socket.SOCK_DGRAM)
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         sock.setblocking(False)
         return sock, target.address

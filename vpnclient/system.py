@@ -3,12 +3,18 @@
 Everything here is undone by closing the TUN device (the kernel removes the
 device with its addresses and routes); `Applied` remembers what is in place so
 a changed configuration (e.g. after the server restarted) replaces it.
+
+Pushed routes other than the default routes go into the main table through the device; a default
+route (0.0.0.0/0, ::/0) never goes into the main table: the full tunnel (routing.py) puts it in a
+table of its own.
 """
 
 from __future__ import annotations
 
 from vpncore.net import tun as tunlib
 from vpncore.net.gsosize import tun_gso_max_size
+
+from .routing import is_default
 
 
 class Applied:
@@ -38,7 +44,8 @@ class Applied:
             changed = True
         for route in msg["routes"]:
             if route not in self.routes:
-                tunlib.add_route(self.ifname, route)
+                if not is_default(route):
+                    tunlib.add_route(self.ifname, route)
                 self.routes.append(route)
                 changed = True
         self.dns = list(msg.get("dns", []))

@@ -72,6 +72,8 @@ def serve(path: str) -> int:
     cfg = load(path)
     if os.geteuid() != 0:
         raise UserError("vpnd serve needs root (it creates a TUN device); run it with sudo or as root", 1)
+    from .egress import egress_interfaces
+    cfg.egress_by_family = egress_interfaces(cfg)      # before anything is set up: a config error is exit 2
     from .harden import harden
     log = Log(PROG, cfg.log_level)
     for warning in harden():

@@ -12,6 +12,7 @@
     client_to_client = false            # clients may reach each other through the server
     accounts = "/var/lib/vpnd/accounts.json"   # the accounts registry (optional)
     egress_interface = "eth0"           # NAT client traffic out of this interface (optional)
+    full_tunnel = false                 # push 0.0.0.0/0 and ::/0 and carry all traffic out to the internet
     block_tcp_ports = [25]              # outbound TCP ports clients may not use
     block_server_networks = true        # clients may not reach the server's own/private networks
     blocked_networks = []               # more destinations clients may not reach
@@ -47,6 +48,7 @@ SERVER_KEYS = {"private_key", "private_key_file", "listen", "interface", "addres
                "egress_interface", "block_tcp_ports", "block_server_networks", "blocked_networks",
                "memory_limit_mb"}
 SERVER_KEYS |= {"dns_forwarder", "dns_upstream"}     # issue 6: DNS forwarder (vpnd/dns.py)
+SERVER_KEYS |= {"full_tunnel"}                        # issue 12: full tunnel (vpnd/egress.py)
 PLAN_KEYS = {"devices", "bandwidth_mbit", "new_flows_per_second"}
 # Options other servers have that would record per-connection data: refused by name, with the reason.
 NO_LOG_REFUSED = {"log_file", "logfile", "log_connections", "connection_log", "status_file", "status",
@@ -78,6 +80,8 @@ class ServerConfig:
     client_to_client: bool = False
     accounts: str | None = None
     egress_interface: str | None = None
+    full_tunnel: bool = False
+    egress_by_family: dict = field(default_factory=dict)   # {4: ifname, 6: ifname}, set at start (egress.py)
     block_tcp_ports: list[int] = field(default_factory=lambda: [25])
     block_server_networks: bool = True
     blocked_networks: list[str] = field(default_factory=list)
@@ -128,6 +132,42 @@ def load_plans(section) -> dict:
     return plans
 
 
+def pushed_routes(cfg: ServerConfig) -> list[str]:
+    """Every route the server pushes, in order, each once: the pools, push_routes, and with
+    full_tunnel the default route of each family that has a pool."""
+    routes = [str(n) for n in (cfg.pool4, cfg.pool6) if n is not None] + list(cfg.push_routes)
+    if cfg.full_tunnel:
+        routes += [d for d, n in (("0.0.0.0/0", cfg.pool4), ("::/0", cfg.pool6)) if n is not None]
+    out: list[str] = []
+    for r in routes:
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def check_pushed(cfg: ServerConfig) -> None:
+    """The config message must fit the protocol (CONTROL_MAX_ITEMS routes, CONTROL_MAX_LEN bytes):
+    a config error now, not a failed 'config' reply to every client's hello."""
+    from vpncore.proto import control
+    from vpncore.proto.constants import CONTROL_MAX_ITEMS, CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET
+
+    routes = pushed_routes(cfg)
+    if len(routes) > CONTROL_MAX_ITEMS:
+        raise UserError(f"[server] pushes {len(routes)} routes (the address pools, push_routes and the full "
+                        f"tunnel's default routes), more than the {CONTROL_MAX_ITEMS} the protocol carries; "
+                        f"merge push_routes into fewer, larger networks")
+    msg = {"type": "config", "version": CONTROL_VERSION, "mtu": cfg.mtu, "routes": routes, "dns": list(cfg.dns),
+           "features": [FEATURE_SUPERPACKET, FEATURE_PARITY]}
+    for key, net in (("ipv4", cfg.pool4), ("ipv6", cfg.pool6)):
+        if net is not None:      # the longest address a client can get
+            msg[key] = f"{net[-1]}/{net.prefixlen}"
+    try:
+        control.encode(msg)
+    except ValueError:
+        raise UserError("[server] push_routes and dns are too long for one config message of the protocol; "
+                        "merge push_routes into fewer, larger networks") from None
+
+
 def default_socket(interface: str) -> str:
     return os.path.join(RUN_DIR, f"{interface}.sock")
 
@@ -169,7 +209,7 @@ def load(path: str) -> ServerConfig:
             raise UserError(f"server.{key_name} has an invalid entry {x!r}") from None
         setattr(cfg, key_name, items)
     dns.configure(srv, cfg)
-    for name in ("client_to_client", "block_server_networks"):
+    for name in ("client_to_client", "block_server_networks", "full_tunnel"):
         if name in srv:
             if not isinstance(srv[name], bool):
                 raise UserError(f"server.{name} must be true or false")
@@ -188,6 +228,7 @@ def load(path: str) -> ServerConfig:
         cfg.blocked_networks = [str(ipaddress.ip_network(n, strict=False)) for n in nets]
     except (ValueError, TypeError):
         raise UserError("server.blocked_networks must be a list of networks like \"10.0.0.0/8\"") from None
+    check_pushed(cfg)
     cfg.plans = load_plans(doc.get("plans", {}))
     limit = srv.get("memory_limit_mb", 512)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 64:

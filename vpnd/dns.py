@@ -8,7 +8,9 @@ No log and no record of names, by construction (DESIGN §4):
 - nothing is written or logged; the only state that outlives a query is a few integer counters
   (`queries`, `answers`, `failures`, `overload`, `malformed`, `tcp_connections`);
 - a UDP query lives in one task for at most `ATTEMPT_TIMEOUT` per upstream tried (two at most):
-  its bytes, the client's tunnel address and port; then it is gone. Each query goes out from a fresh
+  its bytes (in a preallocated slot, zeroed when the query ends), the client's tunnel address and
+  port; then it is gone. Names never become `bytes` objects that the allocator would keep after
+  the query (see `DnsForwarder` and vpnd/forget.py; tests/e2e/test_nologs.py reads vpnd's memory). Each query goes out from a fresh
   socket (random source port) with a fresh random ID, and an answer is taken only from the upstream
   it was sent to, with that ID and the same question section;
 - at most `MAX_INFLIGHT` UDP queries and `MAX_TCP` TCP connections at once: beyond that, SERVFAIL
@@ -116,7 +118,31 @@ def servfail(query: bytes, qend: int) -> bytes:
 
 # --- the forwarder ------------------------------------------------------------------------------
 
+_ZERO = memoryview(bytes(MAX_ANSWER))
+TCP_BUFFER = 4096
+
+
+def _wipe(buf: bytearray, n: int) -> None:
+    """Overwrite the first `n` bytes of a reused buffer (no allocation: copied from a zero page)."""
+    buf[:n] = _ZERO[:n]
+
+
 class DnsForwarder:
+    """The forwarder. Names never become Python objects (see `vpnd.forget` for the whole picture):
+
+    - a UDP query is received with `recvfrom_into` straight into one of `MAX_INFLIGHT` slots
+      (bytearrays made once, at open), forwarded from there, and the slot is zeroed when the query
+      ends (answered, SERVFAIL, or malformed); overload SERVFAILs use one spare slot the same way;
+    - every upstream answer is received with `recv_into` into the one answer buffer, checked, given
+      back the client's ID in place and sent from there, then zeroed, all without an `await` in
+      between (so no other task can write that buffer meanwhile);
+    - what a query task holds besides its slot number: lengths, the client's ID as an int, its
+      tunnel address and port (from `recvfrom_into`), the upstream socket. No `bytes` of a query or
+      answer, so nothing with a name is left to the allocator when the query ends;
+    - TCP is relayed through two 4 KiB buffers per connection with `recv_into`, each chunk zeroed
+      once sent.
+    """
+
     def __init__(self, listen: list[str], upstreams: list[tuple[str, int]], device: str | None = None,
                  port: int = PORT):
         self.listen = list(listen)
@@ -129,6 +155,10 @@ class DnsForwarder:
         self._tcp = 0
         self._udp_socks: list[socket.socket] = []
         self._tcp_socks: list[socket.socket] = []
+        self._slots = [bytearray(MAX_QUERY) for _ in range(MAX_INFLIGHT)]
+        self._free = list(range(MAX_INFLIGHT))
+        self._spare = bytearray(MAX_QUERY)       # a query refused (overload) waits here for its SERVFAIL
+        self._answer = bytearray(MAX_ANSWER)     # every upstream answer, one at a time
 
     def __repr__(self) -> str:
         return f"DnsForwarder(listening={len(self._udp_socks)})"
@@ -175,6 +205,9 @@ class DnsForwarder:
             s.close()
         self._udp_socks.clear()
         self._tcp_socks.clear()
+        for buf in self._slots + [self._spare]:
+            _wipe(buf, len(buf))
+        _wipe(self._answer, len(self._answer))
 
     def bound(self) -> tuple[list, list]:
         """(UDP, TCP) socket addresses actually bound (port 0 picks one: tests)."""
@@ -186,9 +219,9 @@ class DnsForwarder:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             for s in self._udp_socks:
-                nursery.start_soon(self._udp_loop, trio.socket.from_stdlib_socket(s), nursery)
+                nursery.start_soon(self._udp_loop, s, nursery)
             for s in self._tcp_socks:
-                nursery.start_soon(self._tcp_loop, trio.SocketListener(trio.socket.from_stdlib_socket(s)), nursery)
+                nursery.start_soon(self._tcp_loop, s, nursery)
             task_status.started()
 
     def _order(self) -> list[tuple[str, int]]:
@@ -200,119 +233,184 @@ class DnsForwarder:
             self._first = (self._first + 1) % len(self.upstreams)
 
     # --- UDP ------------------------------------------------------------------------------------
-    async def _udp_loop(self, sock, nursery) -> None:
+    async def _udp_loop(self, sock: socket.socket, nursery) -> None:
         while True:
+            await trio.lowlevel.wait_readable(sock)
+            slot = self._free.pop() if self._free else None
+            buf = self._spare if slot is None else self._slots[slot]
             try:
-                query, client = await sock.recvfrom(MAX_QUERY)
+                n, client = sock.recvfrom_into(buf)
+            except BlockingIOError:
+                n = 0
             except OSError:
-                self.counters["malformed"] += 1
+                n = -1
+            if n <= 0:
+                if n < 0:
+                    self.counters["malformed"] += 1
+                if slot is not None:
+                    self._free.append(slot)
                 continue
             self.counters["queries"] += 1
-            qend = question_end(query)
-            if qend is None:
-                self.counters["malformed"] += 1
-                continue
-            if self._inflight >= MAX_INFLIGHT or not self.upstreams:
-                self.counters["overload" if self.upstreams else "failures"] += 1
-                await self._reply(sock, servfail(query, qend), client)
+            qend = question_end(memoryview(buf)[:n])
+            if qend is None or slot is None or not self.upstreams:
+                if qend is None:
+                    self.counters["malformed"] += 1
+                else:
+                    self.counters["overload" if self.upstreams else "failures"] += 1
+                    self._servfail(sock, buf, qend, client)
+                _wipe(buf, n)
+                if slot is not None:
+                    self._free.append(slot)
                 continue
             self._inflight += 1
-            nursery.start_soon(self._forward, sock, query, qend, client)
-            query = client = None          # the task holds them, for its lifetime only
+            nursery.start_soon(self._forward, sock, slot, n, qend, client)
+            client = None          # the task holds it (a tunnel address and port), for its lifetime only
 
-    async def _reply(self, sock, data: bytes, client) -> None:
+    def _send(self, sock: socket.socket, data, client) -> None:
         try:
-            await sock.sendto(data, client)
-        except OSError:
+            sock.sendto(data, client)
+        except OSError:          # also a full buffer: the client asks again
             self.counters["failures"] += 1
 
-    async def _forward(self, sock, query: bytes, qend: int, client) -> None:
+    def _servfail(self, sock: socket.socket, buf: bytearray, qend: int, client) -> None:
+        """SERVFAIL for the query in `buf`, written over it in place (same ID, opcode, RD; question)."""
+        buf[2] = 0x80 | (buf[2] & 0x79)
+        buf[3] = 0x80 | 2
+        buf[4:12] = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+        self._send(sock, memoryview(buf)[:qend], client)
+
+    async def _forward(self, sock: socket.socket, slot: int, n: int, qend: int, client) -> None:
+        buf = self._slots[slot]
+        cid = buf[0] << 8 | buf[1]
         try:
             for upstream in self._order():
-                answer = await self._ask(upstream, query, qend)
-                if answer is not None:
+                if await self._ask(upstream, buf, n, qend, sock, client, cid):
                     self.counters["answers"] += 1
-                    await self._reply(sock, query[:2] + answer[2:], client)
                     return
                 self._failed(upstream)
             self.counters["failures"] += 1
-            await self._reply(sock, servfail(query, qend), client)
+            buf[0], buf[1] = cid >> 8, cid & 0xFF
+            self._servfail(sock, buf, qend, client)
         finally:
+            _wipe(buf, n)
+            self._free.append(slot)
             self._inflight -= 1
 
-    async def _ask(self, upstream: tuple[str, int], query: bytes, qend: int) -> bytes | None:
-        """One attempt: a fresh socket and ID; the answer, or None on timeout or error."""
+    async def _ask(self, upstream: tuple[str, int], buf: bytearray, n: int, qend: int, sock, client,
+                   cid: int) -> bool:
+        """One attempt from a fresh socket with a fresh ID; True once the client has its answer."""
         family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
-        qid = secrets.token_bytes(2)
-        question = query[12:qend]
+        qid = secrets.randbelow(0x10000)
+        buf[0], buf[1] = qid >> 8, qid & 0xFF
+        query = memoryview(buf)
+        answer = self._answer
+        view = memoryview(answer)
         try:
-            with trio.socket.socket(family, socket.SOCK_DGRAM) as up:
-                await up.connect(upstream)            # only this upstream's datagrams reach us
-                await up.send(qid + query[2:])
+            with socket.socket(family, socket.SOCK_DGRAM) as up:
+                up.setblocking(False)
+                up.connect(upstream)                  # only this upstream's datagrams reach us
+                up.send(query[:n])
                 with trio.move_on_after(ATTEMPT_TIMEOUT):
                     while True:
-                        answer = await up.recv(MAX_ANSWER)
-                        if (len(answer) >= 12 and answer[:2] == qid and answer[2] & 0x80
-                                and answer[12:12 + len(question)] == question):
-                            return answer
+                        await trio.lowlevel.wait_readable(up)
+                        try:
+                            m = up.recv_into(answer)
+                        except BlockingIOError:
+                            continue
+                        # from here to the wipe there is no await: the answer buffer is this task's
+                        ok = (m >= qend and answer[0] == buf[0] and answer[1] == buf[1] and answer[2] & 0x80
+                              and view[12:qend] == query[12:qend])
+                        if ok:
+                            answer[0], answer[1] = cid >> 8, cid & 0xFF
+                            self._send(sock, view[:m], client)
+                        _wipe(answer, m)
+                        if ok:
+                            return True
         except OSError:                               # refused, unreachable
             pass
-        return None
+        return False
 
     # --- TCP ------------------------------------------------------------------------------------
-    async def _tcp_loop(self, listener, nursery) -> None:
+    async def _tcp_loop(self, listener: socket.socket, nursery) -> None:
         while True:
+            await trio.lowlevel.wait_readable(listener)
             try:
-                stream = await listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 continue
             self.counters["tcp_connections"] += 1
             if self._tcp >= MAX_TCP:
                 self.counters["overload"] += 1
-                await stream.aclose()
+                conn.close()
                 continue
+            conn.setblocking(False)
             self._tcp += 1
-            nursery.start_soon(self._relay, stream)
-            stream = None
+            nursery.start_soon(self._relay, conn)
+            conn = None
 
-    async def _relay(self, stream) -> None:
+    async def _relay(self, conn: socket.socket) -> None:
         ok = False
+        up = None
         try:
             with trio.move_on_after(TCP_LIFETIME):
                 upstream = self._order()[0]
-                with trio.move_on_after(TCP_CONNECT_TIMEOUT):
-                    up = await trio.open_tcp_stream(*upstream)
-                    ok = True
+                family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
+                up = socket.socket(family, socket.SOCK_STREAM)
+                up.setblocking(False)
+                err = up.connect_ex(upstream)
+                if err == errno.EINPROGRESS:
+                    with trio.move_on_after(TCP_CONNECT_TIMEOUT):
+                        await trio.lowlevel.wait_writable(up)
+                        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                ok = err == 0
                 if not ok:
                     self._failed(upstream)
                     return
-                async with up:
-                    async with trio.open_nursery() as n:
-                        n.start_soon(_pipe, stream, up, n.cancel_scope, False)
-                        n.start_soon(_pipe, up, stream, n.cancel_scope, True)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                async with trio.open_nursery() as n:
+                    n.start_soon(_pipe, conn, up, n.cancel_scope, False)
+                    n.start_soon(_pipe, up, conn, n.cancel_scope, True)
+        except OSError:
             ok = False
         finally:
             if not ok:
                 self.counters["failures"] += 1
             self._tcp -= 1
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            if up is not None:
+                up.close()
+            conn.close()
 
 
-async def _pipe(src, dst, scope, last: bool) -> None:
-    """Copy until EOF or TCP_IDLE of silence. The client's EOF is passed on; the upstream's ends all."""
+async def _pipe(src: socket.socket, dst: socket.socket, scope, last: bool) -> None:
+    """Copy until EOF or TCP_IDLE of silence, through one buffer zeroed after each chunk. The
+    client's EOF is passed on; the upstream's ends all."""
+    buf = bytearray(TCP_BUFFER)
+    view = memoryview(buf)
+    idle = None
     try:
         while True:
             with trio.move_on_after(TCP_IDLE) as idle:
-                data = await src.receive_some(65536)
-            if idle.cancelled_caught or not data:
+                await trio.lowlevel.wait_readable(src)
+            if idle.cancelled_caught:
                 break
-            await dst.send_all(data)
+            try:
+                n = src.recv_into(buf)
+            except BlockingIOError:
+                continue
+            if not n:
+                break
+            try:
+                off = 0
+                while off < n:
+                    try:
+                        off += dst.send(view[off:n])
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(dst)
+            finally:
+                _wipe(buf, n)
         if not last and not idle.cancelled_caught:
-            await dst.send_eof()
+            dst.shutdown(socket.SHUT_WR)
             return
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+    except OSError:
         pass
     scope.cancel()
 

@@ -31,8 +31,10 @@ from vpncore.proto.server import ServerProtocol
 
 from vpncore.userror import UserError
 
-from .config import ServerConfig
+from .config import ServerConfig, pushed_routes
 from .dns import DnsForwarder
+from .forget import forget_freed
+from . import conntrack
 from .egress import Egress
 from .policy import Policy
 from .pool import AddressPool
@@ -69,6 +71,13 @@ class PeerInfo:
 
 
 class Server:
+    # memory (vpnd/forget.py): overwrite freed blocks that may hold an ended session's endpoint,
+    # from the timer, at most once a second and only after a session ended
+    SCRUB_EVERY = 1.0
+    _scrub_due = False
+    _scrub_at = 0.0
+    scrubs = 0
+
     def __init__(self, cfg: ServerConfig, log: Log, rng=os.urandom, test_hooks: bool = False):
         self.cfg = cfg
         self.log = log
@@ -79,8 +88,10 @@ class Server:
         self.proto = ServerProtocol(private_key=cfg.private_key, rng=rng, vnet_hdr=True)
         self.chunk = cfg.mtu + 16   # fragment payload: a fragment is as big as a full-MTU data datagram
         self.pools = [AddressPool(n) for n in (cfg.pool4, cfg.pool6) if n is not None]
-        self.egress = Egress(cfg.interface, [p.network for p in self.pools], cfg.egress_interface,
-                             cfg.block_tcp_ports, cfg.block_server_networks, cfg.blocked_networks)
+        self.egress = Egress(cfg.interface, [p.network for p in self.pools],
+                             cfg.egress_by_family or cfg.egress_interface,
+                             cfg.block_tcp_ports, cfg.block_server_networks, cfg.blocked_networks,
+                             full_tunnel=cfg.full_tunnel, listen_ports=[port for _, port in cfg.listen])
         self.policy = Policy(cfg, self.egress)
         self.policy.load()
         for key, psk in self.policy.authorized().items():
@@ -101,13 +112,26 @@ class Server:
         self.cut = False                 # cut big reads while a peer reports loss (not in bench/micro)
         self._egress_seen: dict[str, int] = {}
         self.dns = None                  # DnsForwarder on the tunnel addresses (issue 6), opened in open()
+        self._routes_pushed = pushed_routes(cfg)   # pools, push_routes, full tunnel defaults (checked at load)
+        # Tunnel addresses of ended sessions whose conntrack entries are being deleted (a worker thread);
+        # back to the pool once done. None: no conntrack clean-up (no nftables table: bench, micro).
+        self._ct_queue: list | None = None
+        self._ct_wake = trio.Event()
 
     def __repr__(self) -> str:
         return "<vpnd Server>"
 
     # --- set-up ------------------------------------------------------------
     def open(self) -> None:
-        """Open sockets first (a port in use fails before any device exists), then the TUN."""
+        """Open sockets first (a port in use fails before any device exists), then the TUN; on a
+        failure, close what was opened (nothing half set up)."""
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
         for host, port in self.cfg.listen:
             s = open_listener(host, port)
             self.socks.append(s)
@@ -129,10 +153,21 @@ class Server:
             self.dns = DnsForwarder([str(p.server) for p in self.pools], self.cfg.dns_upstream, device=name)
             self.dns.open()
         self.egress.start()
+        self._forget_conntrack()       # what a crashed run's clients, or datagrams before notrack, left
+        self._ct_queue = []
+
+    def _forget_conntrack(self) -> None:
+        try:
+            conntrack.forget_networks([p.network for p in self.pools], self.egress.listen_ports)
+        except OSError:
+            self.counters["conntrack-error"] += 1
 
     def close(self) -> None:
         if self.egress.active:
             self.egress.stop(quiet=True)
+        if self._ct_queue is not None:
+            self._ct_queue = None
+            self._forget_conntrack()
         if self._listener is not None:
             self._listener.close()
             ctlsock.remove(self.cfg.control_socket)
@@ -169,6 +204,8 @@ class Server:
                     nursery.start_soon(ctlsock.serve, self._listener, self._control_request)
                 if self.dns is not None:
                     nursery.start_soon(self.dns.serve)
+                if self._ct_queue is not None:
+                    nursery.start_soon(self._conntrack_loop)
                 self.log.event("started")
                 task_status.started(self)
                 await self._stop.wait()
@@ -354,6 +391,10 @@ class Server:
             self._handle_events(now)
             self._flush()
             self._account()
+            if self._scrub_due and now - self._scrub_at >= self.SCRUB_EVERY:
+                self._scrub_due, self._scrub_at = False, now
+                forget_freed()
+                self.scrubs += 1
             if self.policy.nft_script:
                 script, self.policy.nft_script = "".join(self.policy.nft_script), []
                 if not await trio.to_thread.run_sync(self.egress.apply, script):
@@ -413,6 +454,8 @@ class Server:
             if self.dns is not None:
                 snap["dns"] = self.dns.statistics()     # counts only: no names, no addresses
             return snap
+        if cmd == "scrubs" and self.test_hooks:      # how many scrubs ran (vpnd/forget.py)
+            return {"scrubs": self.scrubs, "due": self._scrub_due}
         if cmd == "gc-scan" and self.test_hooks:
             return gc_scan(arg)
         return {"error": f"unknown command {cmd[:40]!r}; use stats"}
@@ -470,20 +513,46 @@ class Server:
             if addr.version == pool.network.version:
                 pool.release(addr)
 
+    def _forget_addresses(self, addresses) -> None:
+        """An ended session's tunnel addresses: no longer routed at once; back in the pool now, or,
+        with conntrack clean-up on, once their conntrack entries are deleted (_conntrack_loop), so a
+        new session never gets an address whose old entries are still being removed."""
+        for addr in addresses:
+            self.routes.pop(addr.packed, None)
+        if self._ct_queue is None:
+            for addr in addresses:
+                self._release(addr)
+        else:
+            self._ct_queue.extend(addresses)
+            self._ct_wake.set()
+
+    async def _conntrack_loop(self) -> None:
+        while True:
+            await self._ct_wake.wait()
+            self._ct_wake = trio.Event()
+            batch, self._ct_queue[:] = list(self._ct_queue), []
+            try:
+                await trio.to_thread.run_sync(conntrack.forget, batch)
+            except Exception:
+                self.counters["conntrack-error"] += 1
+            for addr in batch:
+                self._release(addr)
+            batch = None
+
     def _end_session(self, peer) -> None:
         info = peer.app
         if info is not None:
             self.policy.release(info.account, peer, info.addresses)
-            for addr in info.addresses:
-                self._release(addr)
+            self._forget_addresses(info.addresses)
             info.addresses.clear()
             info.allowed.clear()
         peer.app = None
+        self._scrub_due = True
         self.log.event("session-ended", active=len(self.proto.peers))
 
     def _config_for(self, peer) -> dict:
         msg = {"type": "config", "version": CONTROL_VERSION, "mtu": self.cfg.mtu,
-               "routes": [str(p.network) for p in self.pools] + list(self.cfg.push_routes),
+               "routes": list(self._routes_pushed),
                "dns": list(self.cfg.dns), "features": [FEATURE_SUPERPACKET, FEATURE_PARITY]}
         for addr, pool in zip(peer.app.addresses, self.pools):
             msg["ipv4" if addr.version == 4 else "ipv6"] = pool.interface(addr)

@@ -103,13 +103,20 @@ def main(path: str) -> int:
         s.conn.send_packet(icmp_echo(s.address, SERVER_TUN4, i), now)
         s.flush()
     run_until(sessions, lambda: all(s.replies for s in sessions if s.address), 10)
+    return end_sessions(sessions, plan, {"sent": sent, "replies": sum(s.replies for s in sessions),
+                                         "session_keys": keys})
+
+
+def end_sessions(sessions: list, plan: dict, report: dict) -> int:
+    """Close the sessions the plan names (the others just fall silent), print one JSON line (the
+    session counts, then `report`), close the sockets."""
     closing = set(plan.get("close", []))
     for i, s in enumerate(sessions):
         if i in closing:
             s.conn.close(time.monotonic(), "done")
             s.flush()
     print(json.dumps({"sessions": len(sessions), "established": sum(1 for s in sessions if s.address),
-                      "sent": sent, "replies": sum(s.replies for s in sessions), "session_keys": keys}))
+                      **report}))
     for s in sessions:
         s.sock.close()
     return 0

@@ -1,10 +1,13 @@
-"""The demo (`make demo`): a real tunnel between two network namespaces, then a clean machine.
+"""The demo (`make demo`): a full tunnel across a small internet, then a clean machine.
 
-Creates a server and a client namespace joined by a veth pair (underlay 198.18.0.0/24 and
-2001:2:0:0::/64), generates keys with `vpnd genkey`, starts vpnd and `vpnclient up` as real
-processes, pings through the tunnel over IPv4 and IPv6, moves 100 MiB of TCP each way with iperf3,
-shows `vpnclient status`, disconnects with `vpnclient down`, and removes every namespace, link,
-process and file it made, whatever happened. Exit status 0 only if every step worked.
+Builds `tests.e2e.internet.Internet` in network namespaces: a client behind a NATing home router,
+the VPN server and a web host on an "internet" router (the server is not on the client's link).
+Generates keys with `vpnd genkey`, starts vpnd (`full_tunnel = true`) and `vpnclient up` as real
+processes, asks the web host which address it sees for the client over IPv4 and IPv6 (the server's;
+before the tunnel, the home router's), pings through the tunnel, moves 100 MiB of TCP each way with
+iperf3, shows `vpnclient status`, disconnects with `vpnclient down`, shows that the web host never
+saw the client's own address while connected, and removes every namespace, link, process and file
+it made, whatever happened. Exit status 0 only if every step worked.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.e2e import internet as net
 from tests.e2e import vpn
 from tests.e2e.netns import Topology, is_root, link_exists, netns_list
 
 TRANSFER = "100M"          # iperf3 -n: 100 MiB = 104,857,600 bytes per direction
 IPERF_PORT = 5201
+POOL6 = "fd00:100::/64"    # a ULA pool: vpnd NATs IPv6 out of its egress interface too
+SERVER_TUN6 = vpn.server_tun6(POOL6)
 
 
 class DemoFailed(Exception):
@@ -74,35 +80,58 @@ def iperf_step(topo: Topology, workdir: Path, reverse: bool) -> tuple[float, int
         topo.stop(server)
 
 
+def web_step(topo: net.Internet, summary: dict, key: str, expect: str, ipv6: bool, why: str) -> None:
+    seen = None
+    for _ in range(20):                      # the tunnel's first seconds: retried, bounded
+        seen = topo.seen_by_web(ipv6=ipv6, timeout=2)
+        if seen == expect:
+            break
+        time.sleep(0.25)
+    check(seen == expect, f"the web host saw {seen or 'nothing'} over IPv{6 if ipv6 else 4}, not {expect} ({why})")
+    summary[key] = seen
+    info(f"the web host saw {seen} over IPv{6 if ipv6 else 4} ({why})")
+
+
 def run(workdir: Path, summary: dict) -> None:
-    step("creating two network namespaces joined by a veth pair")
-    topo = Topology(clients=1)
+    step("building a small internet: client -> home router (NAT) -> internet <- VPN server, web host")
+    topo = net.Internet(servers=1)
     try:
         summary["namespaces"] = list(topo.namespaces)
-        link = topo.link
-        info(f"server namespace {topo.server}: {link.server_v4}, {link.server_v6} on {link.server_if}")
-        info(f"client namespace {topo.client}: {link.client_v4}, {link.client_v6} on {link.client_if}")
+        info(f"client {topo.client}: {net.CLIENT4}, {net.CLIENT6}; home router {topo.home} NATs to {net.HOME_OUT4}")
+        info(f"server {topo.server}: {net.SERVERS4[0]}, {net.SERVERS6[0]}; web host {topo.web}: "
+             f"{net.WEB4}, {net.WEB6}")
+        seen_log = workdir / "web-access.log"
+        topo.start_web(seen_log)
+        web_step(topo, summary, "web4_before", net.HOME_OUT4, False, "no VPN yet: the home router's address")
+        web_step(topo, summary, "web6_before", net.CLIENT6, True, "no VPN yet: the client's own address")
+        seen_log.write_text("")
 
         step("generating keys with 'vpnd genkey' / 'vpnd pubkey'")
         server_keys, client_keys = vpn.genkeys(), vpn.genkeys()
         info(f"server public key {server_keys.public}")
         info(f"client public key {client_keys.public}")
 
-        step(f"starting vpnd in {topo.server} (listening on UDP {vpn.PORT}, IPv4 and IPv6)")
-        server = vpn.start_server(topo, workdir, server_keys, [client_keys])
-        info(f"vpnd pid {server.pid}, {vpn.SERVER_IF} has {vpn.SERVER_TUN4} and {vpn.SERVER_TUN6}")
+        step(f"starting vpnd in {topo.server} (full_tunnel = true, UDP {vpn.PORT}, IPv4 and IPv6)")
+        server = vpn.start_server(topo, workdir, server_keys, [client_keys], pool6=POOL6,
+                                  extra="full_tunnel = true\n")
+        info(f"vpnd pid {server.pid}, {vpn.SERVER_IF} has {vpn.SERVER_TUN4} and {SERVER_TUN6}")
 
-        endpoint = f"{link.server_ip4}:{vpn.PORT}"
-        step(f"starting 'vpnclient up' in {topo.client} (server {endpoint})")
+        endpoint = f"{net.SERVERS4[0]}:{vpn.PORT}"
+        step(f"starting 'vpnclient up' in {topo.client} (server {endpoint}, two routers away)")
         client = vpn.start_client(topo, topo.client, workdir, client_keys, server_keys.public, endpoint)
         st = vpn.wait_connected(topo, client, server=server)
-        info(f"vpnclient pid {client.pid}: {st['state']}, addresses {', '.join(st['addresses'])}")
+        info(f"vpnclient pid {client.pid}: {st['state']}, addresses {', '.join(st['addresses'])}, "
+             f"routes {', '.join(st['routes'])}")
         summary["addresses"] = st["addresses"]
+
+        step("HTTP to the web host through the tunnel: which address does it see?")
+        web_step(topo, summary, "web4", net.SERVERS4[0], False, "the VPN server's")
+        web_step(topo, summary, "web6", net.SERVERS6[0], True, "the VPN server's")
 
         step(f"ping over IPv4 through the tunnel: {vpn.SERVER_TUN4}")
         ping_step(topo, vpn.SERVER_TUN4, summary, "ping4")
-        step(f"ping over IPv6 through the tunnel: {vpn.SERVER_TUN6}")
-        ping_step(topo, vpn.SERVER_TUN6, summary, "ping6")
+        step(f"ping over IPv6 through the tunnel: {SERVER_TUN6}")
+        ping_step(topo, SERVER_TUN6, summary, "ping6")
 
         for reverse in (False, True):
             direction = "server -> client" if reverse else "client -> server"
@@ -122,6 +151,11 @@ def run(workdir: Path, summary: dict) -> None:
         for line in r.stdout.splitlines():
             info(line)
 
+        seen = sorted(set(seen_log.read_text().split()))
+        check(seen == sorted({net.SERVERS4[0], net.SERVERS6[0]}), f"while connected the web host saw {seen}")
+        summary["web_saw"] = seen
+        info(f"while connected the web host saw only {', '.join(seen)}; never {net.HOME_OUT4} or {net.CLIENT6}")
+
         step("vpnclient down")
         r = topo.run(topo.client, vpn.VPNCLIENT, "down", "--socket", str(client.socket), check=False)
         check(r.returncode == 0, f"vpnclient down failed: {r.stderr.strip()}")
@@ -129,6 +163,7 @@ def run(workdir: Path, summary: dict) -> None:
         check(code == 0, f"'vpnclient up' ended with status {code}\n{client.log_tail()}")
         check(not link_exists(client.interface, topo.client), f"{client.interface} still exists after down")
         info(f"'vpnclient up' exited 0 and {client.interface} is gone")
+        web_step(topo, summary, "web4_after", net.HOME_OUT4, False, "after down: the home router's again")
 
         step("stopping vpnd (SIGTERM)")
         code = vpn.stop(topo, server)
@@ -169,6 +204,8 @@ def main() -> int:
     print()
     print("Summary")
     print(f"  tunnel addresses  {', '.join(summary['addresses'])}")
+    print(f"  web host saw      {summary['web4']} and {summary['web6']} (the server's), "
+          f"never {summary['web4_before']} or {summary['web6_before']} (the client's)")
     print(f"  ping IPv4         {summary['ping4']}")
     print(f"  ping IPv6         {summary['ping6']}")
     print(f"  TCP upload        {summary['upload']}")

@@ -19,12 +19,11 @@ import os
 import secrets
 from pathlib import Path
 
-from tests.e2e.netns import PREFIX, Link, Topology, _run
-
-NETNS_ETC = Path("/etc/netns")
+from tests.e2e.netns import NETNS_ETC, PREFIX, Link, NetnsFiles, Topology, _run
 
 
-class MultiServer(Topology):
+
+class MultiServer(NetnsFiles, Topology):
     def __init__(self, servers: int = 2) -> None:        # noqa: super().__init__ builds another shape
         if not 1 <= servers <= 8:
             raise ValueError("servers must be between 1 and 8")
@@ -67,46 +66,6 @@ class MultiServer(Topology):
                 self.add_address(ns, ifname, v6)
                 self.run(ns, "ip", "link", "set", "dev", ifname, "up")
             self.links.append(link)
-
-    def netns_resolv_conf(self, data: bytes, mode: int = 0o644) -> Path:
-        """Create /etc/netns/<client ns>/resolv.conf (what `ip netns exec` shows as /etc/resolv.conf)."""
-        directory = NETNS_ETC / self.client_ns
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self._created_paths.append(directory)
-        path = directory / "resolv.conf"
-        self._created_paths.append(directory / "resolv.conf.vpnclient-tmp")   # if a write was interrupted
-        path.write_bytes(data)
-        path.chmod(mode)
-        self._created_paths.append(path)
-        return path
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        errors = []
-        try:
-            super().close()
-        except RuntimeError as exc:
-            errors.append(str(exc))
-        for p in reversed(self._created_paths):
-            try:
-                if p.is_dir() and not p.is_symlink():
-                    p.rmdir()
-                else:
-                    p.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                errors.append(f"remove {p}: {exc}")
-        if self._created_paths:
-            # /etc/netns itself goes once empty (another run in parallel may still have its own entry)
-            try:
-                NETNS_ETC.rmdir()
-            except OSError:
-                pass
-        self._created_paths.clear()
-        if errors:
-            raise RuntimeError("multi-server topology cleanup incomplete: " + "; ".join(errors))
 
     def __repr__(self) -> str:
         return f"<MultiServer client={self.client_ns} servers={self.server_namespaces}>"

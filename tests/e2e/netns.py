@@ -23,12 +23,14 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 __all__ = ["require_root", "is_root", "wait_until", "Topology", "Link", "CommandFailed",
-           "netns_list", "link_exists"]
+           "netns_list", "link_exists", "NetnsFiles"]
 
 PREFIX = "vpnt-"
+NETNS_ETC = Path("/etc/netns")
 
 
 def is_root() -> bool:
@@ -264,3 +266,58 @@ class Topology:
 
     def __repr__(self) -> str:
         return f"<Topology server={self.server} clients={self.clients}>"
+
+
+class NetnsFiles:
+    """A mixin for topologies with a `client_ns` and a `_created_paths` list: the client namespace's
+    /etc/netns/<ns>/resolv.conf (what `ip netns exec` shows as /etc/resolv.conf), removed on close."""
+
+    client_ns: str
+    _created_paths: list[Path]
+    _closed: bool
+
+    def netns_resolv_conf(self, data: bytes, mode: int = 0o644) -> Path:
+        directory = NETNS_ETC / self.client_ns
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._created_paths.append(directory)
+        path = directory / "resolv.conf"
+        self._created_paths.append(directory / "resolv.conf.vpnclient-tmp")   # if a write was interrupted
+        path.write_bytes(data)
+        path.chmod(mode)
+        self._created_paths.append(path)
+        return path
+
+    def close(self) -> None:
+        """The topology's own cleanup, then these files; one RuntimeError listing what failed."""
+        if self._closed:
+            return
+        errors = []
+        try:
+            super().close()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+        errors += self.remove_created_paths()
+        if errors:
+            raise RuntimeError(f"{type(self).__name__} cleanup incomplete: " + "; ".join(errors))
+
+    def remove_created_paths(self) -> list[str]:
+        """Remove what netns_resolv_conf made (newest first); the errors, as lines."""
+        errors = []
+        for p in reversed(self._created_paths):
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    p.rmdir()
+                else:
+                    p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                errors.append(f"remove {p}: {exc}")
+        if self._created_paths:
+            # /etc/netns itself goes once empty (another run in parallel may still have its own entry)
+            try:
+                NETNS_ETC.rmdir()
+            except OSError:
+                pass
+        self._created_paths.clear()
+        return errors

@@ -449,7 +449,7 @@ def test_nat_egress_blocks_and_table_lifecycle(internet, workdir):
 
     rules = table_rules(topo)
     counts = by_comment(rules)
-    assert counts == {"blocked-port": 1, "server-network": 2, "masquerade": 2, "flow-cap": 2}, rules
+    assert counts == {"blocked-port": 1, "server-network": 2, "masquerade": 2, "flow-cap": 2, "inbound": 1}, rules
     assert any("tcp dport 25" in r for r in rules), rules
     assert any(ROUTER_LINK[0].replace(".1/", ".0/") in r and "10.0.0.0/8" in r for r in rules), rules
     base = sorted(r for r in rules if "flow-cap" not in r)

@@ -87,7 +87,7 @@ def genkeys() -> Keys:
 
 
 def write_server_config(path: Path, keys: Keys, clients: list[Keys], *, log_level: str = "verbose",
-                        extra: str = "") -> Path:
+                        extra: str = "", pool6: str = POOL6) -> Path:
     """A server config; `extra` is more [server] lines (e.g. 'client_to_client = true')."""
     peers = "".join(f'\n[[client]]\npublic_key = "{c.public}"\n' for c in clients)
     path.write_text(
@@ -96,7 +96,7 @@ def write_server_config(path: Path, keys: Keys, clients: list[Keys], *, log_leve
         f'listen = ["0.0.0.0:{PORT}", "[::]:{PORT}"]\n'
         f'interface = "{SERVER_IF}"\n'
         f'address_pool4 = "{POOL4}"\n'
-        f'address_pool6 = "{POOL6}"\n'
+        f'address_pool6 = "{pool6}"\n'
         f'log_level = "{log_level}"\n'
         f'control_socket = "{path.with_suffix(".sock")}"\n' + extra + peers)
     path.chmod(0o600)
@@ -127,24 +127,31 @@ def _spawn(topo: Topology, ns: str, log: Path, *argv: str) -> subprocess.Popen:
         return topo.popen(ns, *argv, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _server_ready(topo: Topology, ns: str) -> bool:
+def server_tun6(pool6: str = POOL6) -> str:
+    """The server's own tunnel address in an IPv6 pool (its first host)."""
+    return str(next(ipaddress.ip_network(pool6).hosts()))
+
+
+def _server_ready(topo: Topology, ns: str, pool6: str = POOL6) -> bool:
     r = topo.run(ns, "ip", "-o", "addr", "show", "dev", SERVER_IF, check=False)
-    return r.returncode == 0 and f" {SERVER_TUN4}/" in r.stdout and f" {SERVER_TUN6}/" in r.stdout
+    return r.returncode == 0 and f" {SERVER_TUN4}/" in r.stdout and f" {server_tun6(pool6)}/" in r.stdout
 
 
 def start_server(topo: Topology, workdir: Path, keys: Keys | None = None, clients: list[Keys] = (),
-                 *, config: Path | None = None, name: str = "vpnd", timeout: float = 10, extra: str = "") -> Daemon:
+                 *, config: Path | None = None, name: str = "vpnd", timeout: float = 10, extra: str = "",
+                 pool6: str = POOL6, ns: str | None = None) -> Daemon:
     """Start `vpnd serve` in the server namespace; returns once its TUN has the pool addresses.
 
     Pass `config` to reuse an existing file (a restart), else `keys` and `clients` to write one.
     """
     workdir = Path(workdir)
     if config is None:
-        config = write_server_config(workdir / f"{name}.toml", keys, list(clients), extra=extra)
+        config = write_server_config(workdir / f"{name}.toml", keys, list(clients), extra=extra, pool6=pool6)
     log = workdir / f"{name}.log"
-    proc = _spawn(topo, topo.server, log, VPND, "serve", "--config", str(config))
-    d = Daemon(name, topo.server, config, log, proc, SERVER_IF)
-    if not wait_until(lambda: proc.poll() is not None or _server_ready(topo, topo.server), timeout) \
+    ns = ns or topo.server
+    proc = _spawn(topo, ns, log, VPND, "serve", "--config", str(config))
+    d = Daemon(name, ns, config, log, proc, SERVER_IF)
+    if not wait_until(lambda: proc.poll() is not None or _server_ready(topo, ns, pool6), timeout) \
             or proc.poll() is not None:
         raise VpnError(f"vpnd did not come up within {timeout} s (exit status {proc.poll()})\n{d.log_tail()}")
     return d

@@ -78,8 +78,14 @@ def open_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def open_connected(host: str, port: int) -> tuple[socket.socket, tuple]:
-    """A non-blocking UDP socket connected to the server; resolves `host` once."""
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+def open_connected(host: str, port: int, mark: int = 0) -> tuple[socket.socket, tuple]:
+    """A non-blocking UDP socket connected to the server; resolves `host` once.
+
+    `mark` (SO_MARK, set before connect so the route lookup sees it): the client's full tunnel
+    routes marked packets through the main table, so the tunnel's own datagrams never enter it."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except socket.gaierror as exc:
@@ -87,6 +93,13 @@ def open_connected(host: str, port: int) -> tuple[socket.socket, tuple]:
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     tune(sock)
+    if mark:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError as exc:
+            sock.close()
+            raise UserError(f"cannot mark the tunnel socket (SO_MARK: {exc.strerror}); run as root "
+                            f"(CAP_NET_ADMIN)", 1) from None
     try:
         sock.connect(addr)
     except OSError as exc:
