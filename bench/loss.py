@@ -17,7 +17,7 @@ nothing else is touched. Two underlay modes (both by default):
                 and drops whole trains (1% of trains, not of datagrams).
  For the bare veth (no tunnel) the same rule matches all traffic. The rule's
 counters give the loss actually applied. Per VPN and repetition (on a fresh topology, the same one
-bench/e2e.py builds) it runs a single-stream iperf3 upload first without the rule and then with it.
+bench/e2e.py builds: bench/harness) it runs a single-stream iperf3 upload first without the rule and then with it.
 
 Results go into the day's bench/results/<date>.json (section "loss") and .md; the last printed line
 is a JSON summary. Needs root.
@@ -30,10 +30,12 @@ import datetime
 import json
 import os
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import e2e  # noqa: E402  (bench/e2e.py: topology, VPN starters, iperf helpers, results files)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.harness import host  # noqa: E402
+from bench.harness.measure import one_rep, tcp_test  # noqa: E402
+from bench.harness.peers import ALL_VPNS, TUNNEL_UDP_PORT, commands_for, parse_vpns  # noqa: E402
+from bench.harness.results import median, summarize, update_results  # noqa: E402
 
 DEFAULT_VPNS = ["veth", "vpnd", "wireguard-go"]
 
@@ -44,9 +46,9 @@ def nft_rules(port: int | None, pct: float) -> str:
             f"  {match}counter\n  {match}numgen random mod 100 < {int(pct)} counter drop\n }}\n}}\n")
 
 
-def nft_counters(t: e2e.Topology) -> tuple[int, int]:
+def nft_counters(t) -> tuple[int, int]:
     """(packets seen by the rule, packets dropped)."""
-    r = t.run(t.srv, "nft", "-j", "list", "table", "inet", "vpnbench", check=False)
+    r = t.run(t.server, "nft", "-j", "list", "table", "inet", "vpnbench", check=False)
     try:
         items = json.loads(r.stdout)["nftables"]
     except (ValueError, KeyError):
@@ -61,32 +63,21 @@ def nft_counters(t: e2e.Topology) -> tuple[int, int]:
     return (counts[0], counts[1]) if len(counts) >= 2 else (0, 0)
 
 
-def run_one(vpn: str, seconds: float, pct: float, segment: bool) -> dict:
-    t0 = time.monotonic()
-    res: dict = {}
-    try:
-        with e2e.Topology(segment) as t:
-            tun = e2e.STARTERS[vpn](t)
-            clean = e2e.tcp_test(t, tun, seconds)
-            res["tcp_up_noloss_mbps"] = clean["mbps"]
-            with open(t.path("loss.nft"), "w") as f:
-                f.write(nft_rules(e2e.TUNNEL_UDP_PORT.get(vpn), pct))
-            t.run(t.srv, "nft", "-f", t.path("loss.nft"))
-            lossy = e2e.tcp_test(t, tun, seconds)
-            seen, dropped = nft_counters(t)
-            res.update({"tcp_up_mbps": lossy["mbps"], "tcp_up_retrans": lossy["retransmits"],
-                        "packets_seen": seen, "packets_dropped": dropped,
-                        "applied_loss_pct": 100.0 * dropped / seen if seen else None})
-            if "cpu_s" in lossy:
-                res["tcp_up_cpu_s"] = lossy["cpu_s"]
-            if res["tcp_up_noloss_mbps"]:
-                res["kept_fraction"] = res["tcp_up_mbps"] / res["tcp_up_noloss_mbps"]
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:
-        res["error"] = f"{type(e).__name__}: {e}"
-    res["wall_s"] = time.monotonic() - t0
-    return res
+def lossy_upload(t, tun, res: dict, vpn: str, seconds: float, pct: float) -> None:
+    """One TCP upload without loss, then the nftables rule, then the same upload with it."""
+    res["tcp_up_noloss_mbps"] = tcp_test(t, tun, seconds)["mbps"]
+    with open(t.path("loss.nft"), "w") as f:
+        f.write(nft_rules(TUNNEL_UDP_PORT.get(vpn), pct))
+    t.run(t.server, "nft", "-f", t.path("loss.nft"))
+    lossy = tcp_test(t, tun, seconds)
+    seen, dropped = nft_counters(t)
+    res.update({"tcp_up_mbps": lossy["mbps"], "tcp_up_retrans": lossy["retransmits"],
+                "packets_seen": seen, "packets_dropped": dropped,
+                "applied_loss_pct": 100.0 * dropped / seen if seen else None})
+    if "cpu_s" in lossy:
+        res["tcp_up_cpu_s"] = lossy["cpu_s"]
+    if res["tcp_up_noloss_mbps"]:
+        res["kept_fraction"] = res["tcp_up_mbps"] / res["tcp_up_noloss_mbps"]
 
 
 def main(argv=None) -> int:
@@ -94,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--loss-pct", type=int, default=1, help="percent of datagrams dropped (default 1)")
-    ap.add_argument("--vpns", default=",".join(DEFAULT_VPNS), help=f"default {','.join(DEFAULT_VPNS)}")
+    ap.add_argument("--vpns", default=",".join(DEFAULT_VPNS), help=f"default {','.join(DEFAULT_VPNS)}; from {','.join(ALL_VPNS)}")
     ap.add_argument("--quick", action="store_true", help="1 rep of 5 s")
     ap.add_argument("--underlay", choices=["segmented", "veth-default", "both"], default="both",
                     help="segmented: gso_max_segs 1 on the veth, loss per datagram as on a real link; "
@@ -102,18 +93,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.seconds = 1, 5
-    vpns = args.vpns.split(",")
-    bad = [v for v in vpns if v not in e2e.STARTERS]
-    if bad:
-        ap.error(f"unknown VPN(s) {bad}; choose from {e2e.ALL_VPNS}")
+    vpns = parse_vpns(ap, args.vpns)
     if args.reps < 1 or not 1 <= args.seconds <= 120 or not 0 < args.loss_pct < 100:
         ap.error("--reps >= 1, --seconds 1..120, --loss-pct 1..99")
-    e2e.require_root("bench/loss.py")
-    need = ["ip", "iperf3", "ping", "nft"] + (["wireguard-go", "wg"] if "wireguard-go" in vpns else [])
-    need += ["openvpn", "openssl"] if any(v.startswith("openvpn") for v in vpns) else []
-    e2e.require_commands(need)
-    e2e.install_signal_handlers()
-    lock = e2e.bench_lock()  # noqa: F841
+    host.prepare("bench/loss.py", commands_for(vpns) + ["nft"])
 
     underlays = ["segmented", "veth-default"] if args.underlay == "both" else [args.underlay]
     raw: dict[str, dict[str, list]] = {u: {v: [] for v in vpns} for u in underlays}
@@ -121,7 +104,7 @@ def main(argv=None) -> int:
         for u in underlays:
             for v in vpns:
                 print(f"[loss rep {rep + 1}/{args.reps}, {u}] {v} ...", end=" ", flush=True)
-                r = run_one(v, args.seconds, args.loss_pct, u == "segmented")
+                r = one_rep(v, u == "segmented", lambda t, tun, res: lossy_upload(t, tun, res, v, args.seconds, args.loss_pct))
                 raw[u][v].append(r)
                 if "error" in r:
                     print(f"FAILED: {r['error']}", flush=True)
@@ -129,22 +112,22 @@ def main(argv=None) -> int:
                     print(f"no loss {r['tcp_up_noloss_mbps']:.0f} Mbit/s, with {args.loss_pct}% loss "
                           f"{r['tcp_up_mbps']:.0f} Mbit/s (applied {r['applied_loss_pct'] or 0:.2f}% of "
                           f"{r['packets_seen']} packets), retransmits {r['tcp_up_retrans']}", flush=True)
-    modes = [{"underlay": u, "summary": {v: e2e.summarize(raw[u][v]) for v in vpns}, "raw": raw[u]}
+    modes = [{"underlay": u, "summary": {v: summarize(raw[u][v]) for v in vpns}, "raw": raw[u]}
              for u in underlays]
     data = {"date": datetime.date.today().isoformat(), "reps": args.reps, "seconds": args.seconds,
             "loss_pct": args.loss_pct, "vpns": vpns, "modes": modes,
             "note": f"nftables in the server namespace drops {args.loss_pct}% of the tunnel's UDP packets "
                     f"arriving there (all packets for veth): the data direction of the upload. Tunnels as in "
                     f"the end-to-end table; each repetition measures the same topology first without loss."}
-    jpath, mpath = e2e.update_results("loss", data)
+    jpath, mpath = update_results("loss", data)
     print(f"wrote {jpath}, {mpath}")
     out = {}
     for mode in modes:
         sm, o = mode["summary"], {}
         for v in vpns:
-            o[v] = {k: (round(x, 3) if (x := e2e.median(sm, v, k)) is not None else None)
+            o[v] = {k: (round(x, 3) if (x := median(sm, v, k)) is not None else None)
                     for k in ("tcp_up_mbps", "tcp_up_noloss_mbps", "applied_loss_pct")}
-        wg, ours = e2e.median(sm, "wireguard-go", "tcp_up_mbps"), e2e.median(sm, "vpnd", "tcp_up_mbps")
+        wg, ours = median(sm, "wireguard-go", "tcp_up_mbps"), median(sm, "vpnd", "tcp_up_mbps")
         if wg and ours is not None:
             o["vpnd_vs_wireguard_go"] = round(ours / wg, 3)
         out[mode["underlay"]] = o
@@ -153,8 +136,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted: cleaned up", file=sys.stderr)
-        sys.exit(130)
+    host.script_main(main)

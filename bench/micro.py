@@ -1,10 +1,11 @@
-"""Micro benchmark (no root): the real pump over a fake TUN and loopback UDP, plus per-call costs.
+"""Micro benchmark (no root): the shipped pump over a fake TUN and loopback UDP, plus per-call costs.
 
-Four processes: a generator writes packets into the client's fake TUN (one end of an
-AF_UNIX datagram socketpair, which keeps packet boundaries like a TUN fd), the real
-vpnclient pump (vpnclient.client.Client loops) encrypts them to the real vpnd pump
-(vpnd.server.Server loops) over loopback UDP, and the server writes them to its fake
-TUN, where this process counts what arrives. Sizes: 64 B and 1,400 B packets, and
+Four processes: a generator writes packets into the client's fake TUN (vpncore/net/fake.py: one
+end of an AF_UNIX datagram socketpair, which keeps packet boundaries like a TUN fd), the real
+vpnclient (vpnclient.client.Client, its pump: cutting, governor, held sends and TUN writer thread
+as shipped) encrypts them to the real vpnd (vpnd.server.Server, attached to the fake TUN and a
+loopback socket) and the server writes them to its fake TUN, where this process counts what
+arrives. Sizes: 64 B and 1,400 B packets, and
 64 KiB TCP super-packets (virtio_net_hdr with GSO_TCPV4, as a TUN with offloads gives).
 
     python bench/micro.py [--seconds 5] [--json-only]
@@ -39,32 +40,6 @@ CLIENT_ADDR, SERVER_ADDR = "198.19.0.2", "198.19.0.1"
 SOCKBUF = 8 << 20
 
 
-class FakeTun:
-    """Stands in for vpncore.net.tun.Tun: an fd that keeps datagram boundaries."""
-
-    def __init__(self, fd: int, name: str = "fake0"):
-        self.fd, self.name = fd, name
-        os.set_blocking(fd, False)   # as open_tun leaves a real TUN fd
-
-    def close(self):
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-
-
-class FakeApplied:
-    """Stands in for vpnclient.system.Applied: records the pushed config, touches no device."""
-
-    def __init__(self):
-        self.ifname, self.addresses, self.routes, self.mtu, self.dns = "fake0", [], [], None, []
-
-    def apply(self, msg):
-        self.mtu = msg["mtu"]
-        self.addresses = [msg[k] for k in ("ipv4", "ipv6") if k in msg]
-        return False
-
-
 def _socketpair():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     for s in (a, b):
@@ -82,7 +57,7 @@ def run_server(server_key: bytes, client_pub: bytes, tun_fd: int, port_q, second
     import trio
 
     from vpncore.log import Log, QUIET
-    from vpncore.net.pump import Udp
+    from vpncore.net.fake import FakeTun
     from vpncore.net.udp import open_listener
     from vpnd.config import ClientEntry, ServerConfig
     from vpnd.server import Server
@@ -91,9 +66,7 @@ def run_server(server_key: bytes, client_pub: bytes, tun_fd: int, port_q, second
                        pool4=ipaddress.ip_network("198.19.0.0/24"), clients=[ClientEntry(client_pub)])
     srv = Server(cfg, Log("vpnd", QUIET))
     sock = open_listener("127.0.0.1", 0)
-    srv.socks = [sock]
-    srv._udp_by_family[sock.family] = Udp(sock)
-    srv.tun = FakeTun(tun_fd)
+    srv.attach(FakeTun(socket.socket(fileno=tun_fd)), [sock])
     port_q.put(sock.getsockname()[1])
 
     async def main():
@@ -109,7 +82,7 @@ def run_client(client_key: bytes, server_pub: bytes, port: int, tun_fd: int, soc
     import trio
 
     from vpncore.log import Log, QUIET
-    from vpncore.net.pump import Udp
+    from vpncore.net.fake import FakeApplied, FakeTun
     from vpncore.net.udp import open_connected
     from vpnclient.client import Client
     from vpnclient.config import ClientConfig
@@ -117,10 +90,8 @@ def run_client(client_key: bytes, server_pub: bytes, port: int, tun_fd: int, soc
     cfg = ClientConfig(private_key=client_key, server_host="127.0.0.1", server_port=port,
                        server_public=server_pub, control_socket=sock_path, persistent_keepalive=0)
     cl = Client(cfg, Log("vpnclient", QUIET), out=lambda line: None)
-    cl.sock, cl.endpoint = open_connected("127.0.0.1", port)
-    cl.udp = Udp(cl.sock)
-    cl.tun = FakeTun(tun_fd)
-    cl.applied = FakeApplied()
+    sock, endpoint = open_connected("127.0.0.1", port)
+    cl.attach(FakeTun(socket.socket(fileno=tun_fd)), sock, endpoint, FakeApplied())
 
     async def main():
         with trio.move_on_after(seconds):

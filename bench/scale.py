@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """vpnd's memory with many configured peers and many live sessions (VmRSS, /proc/PID/status).
 
-Cases, each on the two-namespace topology of bench/e2e.py (vpnd needs a TUN device, so root):
+Cases, each on the two-namespace topology of bench/e2e.py (bench/harness.topology; vpnd needs a TUN
+device, so root):
 
   1 key, idle            vpnd with one configured client key: the baseline
   10,000 keys, idle      one config with 10,000 [[client]] keys (X25519 keys generated in-process)
@@ -33,13 +34,10 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.harness import host  # noqa: E402
+from tests.e2e.vpn import POOL6, PORT, SERVER_TUN6  # noqa: E402
 
-POOL6 = "2001:2:0:100::/64"
-SERVER_TUN6 = "2001:2:0:100::1"
-PORT = 51820
 PACE_BATCH, PACE_INTERVAL = 50, 0.5
 
 
@@ -48,24 +46,14 @@ def b64(b: bytes) -> str:
 
 
 def gen_keys(n: int) -> list[tuple[bytes, bytes]]:
-    """n X25519 (private, public) pairs, clamped as RFC 7748 does."""
+    """n X25519 (private, public) pairs (vpncore.keys.genkey: clamped as RFC 7748 does)."""
     from nacl.bindings import crypto_scalarmult_base
+
+    from vpncore.keys import genkey
     out = []
     for _ in range(n):
-        k = bytearray(os.urandom(32))
-        k[0] &= 248
-        k[31] = (k[31] & 127) | 64
-        out.append((bytes(k), crypto_scalarmult_base(bytes(k))))
-    return out
-
-
-def proc_status(pid: int) -> dict:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM", "VmSize", "Threads"):
-                out[k] = int(v.split()[0])
+        k = base64.b64decode(genkey())
+        out.append((k, crypto_scalarmult_base(k)))
     return out
 
 
@@ -260,18 +248,6 @@ def write_server_config(path: str, server_private: bytes, client_publics: list[b
         f.write("".join(parts))
 
 
-def start_vpnd(t, config: str, log: str):
-    import e2e
-    vpnd = os.path.join(e2e.venv_bin(), "vpnd")
-    t0 = time.monotonic()
-    p = t.popen(t.srv, vpnd, "serve", "--config", config, log=log)
-    if not e2e.wait_until(lambda: "started" in t.log(log) or p.poll() is not None, 120):
-        raise RuntimeError(f"vpnd did not start in 120 s: {t.log(log)[-300:]}")
-    if p.poll() is not None:
-        raise RuntimeError(f"vpnd exited ({p.returncode}): {t.log(log)[-300:]}")
-    return p, time.monotonic() - t0
-
-
 def active_sessions(text: str) -> int | None:
     """vpnd's own count from its last 'a session started/ended active=N' line (verbose log level)."""
     import re
@@ -284,7 +260,7 @@ def sample(pid: int, seconds: float, every: float = 0.5) -> dict:
     rss = []
     end = time.monotonic() + seconds
     while True:
-        st = proc_status(pid)
+        st = host.proc_status(pid)
         rss.append(st["VmRSS"])
         if time.monotonic() >= end:
             break
@@ -293,7 +269,8 @@ def sample(pid: int, seconds: float, every: float = 0.5) -> dict:
 
 
 def parent(args) -> dict:
-    import e2e
+    from bench.harness.peers import start_vpnd_config
+    from bench.harness.topology import BenchTopology
 
     rows, result = [], {"date": datetime.date.today().isoformat(), "keys": args.keys,
                         "sessions": args.sessions}
@@ -301,13 +278,10 @@ def parent(args) -> dict:
     pairs = gen_keys(args.keys + 1)
     result["keygen_s"] = round(time.monotonic() - t0, 2)
     (ssk, spk), clients = pairs[0], pairs[1:]
-    with e2e.Topology() as t:
-        for ns in (t.srv, t.cli):
-            t.run(ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0",
-                  "net.ipv6.conf.default.disable_ipv6=0")
+    with BenchTopology() as t:       # IPv6 is on in both namespaces (netns.Topology)
         # 1 key, idle: the baseline
         write_server_config(t.path("one.toml"), ssk, [clients[0][1]])
-        p, start_s = start_vpnd(t, t.path("one.toml"), "vpnd-one.log")
+        p, start_s = start_vpnd_config(t, t.path("one.toml"), "vpnd-one.log")
         s = sample(p.pid, args.idle)
         rows.append({"case": "1 configured key, idle", "rss_mb": mb(s["rss_kib"]), "hwm_mb": mb(s["hwm_kib"]),
                      "notes": f"start {start_s:.1f} s"})
@@ -315,7 +289,7 @@ def parent(args) -> dict:
         # 10,000 keys, idle
         write_server_config(t.path("many.toml"), ssk, [c[1] for c in clients])
         cfg_mb = os.path.getsize(t.path("many.toml")) / 1e6
-        p, start_s = start_vpnd(t, t.path("many.toml"), "vpnd-many.log")
+        p, start_s = start_vpnd_config(t, t.path("many.toml"), "vpnd-many.log")
         s = sample(p.pid, args.idle)
         rows.append({"case": f"{args.keys:,} configured keys, idle", "rss_mb": mb(s["rss_kib"]),
                      "hwm_mb": mb(s["hwm_kib"]), "notes": f"config {cfg_mb:.1f} MB, start {start_s:.1f} s"})
@@ -324,13 +298,12 @@ def parent(args) -> dict:
         with open(t.path("keys.json"), "w") as f:
             json.dump({"server_public": b64(spk),
                        "client_private": [b64(c[0]) for c in clients[: args.sessions]]}, f)
-        drv = subprocess.Popen(
-            ["ip", "netns", "exec", t.cli, sys.executable, os.path.abspath(__file__), "--driver",
-             "--keys-file", t.path("keys.json"), "--server", e2e.SERVER_UL, "--sessions", str(args.sessions),
-             "--hold", str(args.hold), "--keepalive", str(args.keepalive),
-             "--establish-timeout", str(args.establish_timeout), "--max-wait", "120"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(t.path("driver.err"), "wb"), text=True)
-        t.procs.append(drv)        # stopped by PID in Topology.close() whatever happens
+        with open(t.path("driver.err"), "wb") as err:     # stopped by PID in close() whatever happens
+            drv = t.popen(t.client, sys.executable, os.path.abspath(__file__), "--driver",
+                          "--keys-file", t.path("keys.json"), "--server", t.link.server_ip4,
+                          "--sessions", str(args.sessions), "--hold", str(args.hold),
+                          "--keepalive", str(args.keepalive), "--establish-timeout", str(args.establish_timeout),
+                          "--max-wait", "120", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
 
         def read_event(timeout):
             r, _, _ = select.select([drv.stdout], [], [], timeout)
@@ -391,17 +364,13 @@ def main(argv=None) -> int:
         return driver(args)
     if not 1 <= args.sessions <= args.keys or args.hold < 2:
         ap.error("--sessions must be from 1 to --keys, --hold at least 2")
-    import e2e
-    e2e.require_root("bench/scale.py")
-    e2e.require_commands(["ip"])
     try:
         import nacl  # noqa: F401
         import vpncore  # noqa: F401
     except ImportError:
         print("bench/scale.py needs the project's venv: run it with .venv/bin/python (make venv)", file=sys.stderr)
         return 1
-    e2e.install_signal_handlers()
-    lock = e2e.bench_lock()  # noqa: F841
+    host.prepare("bench/scale.py", ["ip"])
     try:
         result = parent(args)
     except (KeyboardInterrupt, SystemExit):
@@ -410,7 +379,8 @@ def main(argv=None) -> int:
         result = {"date": datetime.date.today().isoformat(), "error": f"{type(e).__name__}: {e}", "rows": []}
     for row in result.get("rows", []):
         print(f"{row['case']:45s} VmRSS {row['rss_mb']:7.1f} MB  VmHWM {row['hwm_mb']:7.1f} MB  {row['notes']}")
-    jpath, mpath = e2e.update_results("scale", result)
+    from bench.harness.results import update_results
+    jpath, mpath = update_results("scale", result)
     print(f"wrote {jpath}, {mpath}")
     summary = {k: result.get(k) for k in ("keys", "sessions", "rss_keys_idle_mb", "rss_keys_sessions_mb", "established",
                                           "ping_answered", "establish_s", "keygen_s", "error") if k in result}
@@ -420,8 +390,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted: cleaned up", file=sys.stderr)
-        sys.exit(130)
+    host.script_main(main)

@@ -54,11 +54,11 @@ def keypair_from(seed) -> tuple[bytes, bytes]:
 
 
 def pair(seed=0, *, src=DEFAULT_SRC, psk: bytes | None = None, wall_offset: float = 1.7e9,
-         features=("test",), persistent_keepalive: float = 0, vnet_hdr: bool = False):
+         features=("test",), persistent_keepalive: float = 0, vnet_hdr: bool = True):
     """(server, client, client src): a server that has authorized the client's key; not yet connected.
 
-    vnet_hdr=True gives both sides a virtio_net_hdr TUN (super-packets, SPEC §5.5): delivered
-    packets then start with the 10-byte header.
+    Both sides have a virtio_net_hdr TUN by default, as vpnd and vpnclient ship (super-packets, SPEC
+    §5.5): delivered packets start with the 10-byte header. vnet_hdr=False gives the plain TUN mode.
     """
     server_private, server_public = keypair_from(f"server:{seed}")
     client_private, client_public = keypair_from(f"client:{seed}")
@@ -147,12 +147,37 @@ def established_pair(seed=0, now: float = 0.0, **kw):
     return server, client, src
 
 
+SUPER_CONFIG = dict(MIN_CONFIG, features=["superpacket", "parity"])
+
+
+def agreed_pair(seed=0):
+    """established_pair() with the offload header on, and super-packets and parity agreed by a
+    config: what vpnd and vpnclient ship. Returns (server, client, src, the server's peer)."""
+    server, client, src = established_pair(seed=seed, vnet_hdr=True)
+    peer = server.peers[client.public]
+    server.send_control(peer, SUPER_CONFIG, 0.0)
+    shuttle(server, client, src, 0.0)
+    drain_events(client)
+    return server, client, src, peer
+
+
 def fire_timers(server, client, now: float) -> None:
     """What an endpoint does: the client's timer when due (get_timer), the server's every tick."""
     due = client.get_timer()
     if due is not None and now >= due:
         client.handle_timer(now)
     server.handle_timer(now)
+
+
+def fire_due_timers(server, client, now: float) -> None:
+    """What an endpoint that sleeps until the next deadline does: each side's handle_timer only
+    when its get_timer() is due (client may be None)."""
+    for proto in (server, client):
+        if proto is None:
+            continue
+        due = proto.get_timer()
+        if due is not None and now >= due:
+            proto.handle_timer(now)
 
 
 def tick(server, client, src, now: float, link=None):

@@ -22,6 +22,9 @@ def test_families_follow_the_server_unless_the_config_decides():
     assert routing.families(["198.19.0.0/24"], addrs, True) == [4, 6]
     assert routing.families(["198.19.0.0/24"], addrs[:1], True) == [4]
     assert routing.families(["0.0.0.0/0", "::/0"], addrs, False) == []
+    # every spelling of a default route the control channel accepts (SPEC §6.2.2) is one
+    assert routing.families(["0.0.0.0/00", "::0/0"], addrs, None) == [4, 6]
+    assert routing.families(["0:0::/0", "1.2.3.4/0"], addrs, None) == [4, 6]
 
 
 def test_commands_put_the_default_route_in_our_table_and_the_tunnel_rule_last():
@@ -57,8 +60,8 @@ def test_default_routes_never_reach_the_main_table(monkeypatch):
     monkeypatch.setattr("vpnclient.system.tunlib.set_gso_max_size", lambda *a: None)
     monkeypatch.setattr("vpnclient.system.tunlib.add_address", lambda *a: None)
     a = Applied("vpn0")
-    a.apply({"mtu": 1420, "ipv4": "198.19.0.2/24", "routes": ["198.19.0.0/24", "0.0.0.0/0", "::/0"]})
-    assert added == ["198.19.0.0/24"] and a.routes == ["198.19.0.0/24", "0.0.0.0/0", "::/0"]
+    a.apply({"mtu": 1420, "ipv4": "198.19.0.2/24", "routes": ["198.19.0.0/24", "0.0.0.0/0", "::/0", "::0/0"]})
+    assert added == ["198.19.0.0/24"] and a.routes == ["198.19.0.0/24", "0.0.0.0/0", "::/0", "::0/0"]
 
 
 def _config(tmp_path, client_lines: str):

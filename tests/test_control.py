@@ -183,3 +183,15 @@ def test_overlong_strings():
 def test_deep_nesting_is_refused_not_a_crash():
     body = b"\x91" * 1000 + b"\xc0"     # 1000 nested one-element arrays
     assert _bad(raw(body)) in ("control-msgpack", "control-type")
+
+
+def test_a_map_with_a_key_twice_is_dropped():
+    """SPEC §6.2.1: a repeated key is malformed; the reference drops the message (no last-wins)."""
+    pairs = msgpack.packb("type") + msgpack.packb("close") + msgpack.packb("retry") + msgpack.packb(True)
+    once = b"\x83" + pairs + msgpack.packb("reason") + msgpack.packb("x")
+    assert control.decode_untrusted(raw(once))["reason"] == "x"         # the same bytes, one key each
+    twice = b"\x84" + pairs + msgpack.packb("reason") + msgpack.packb("x") + msgpack.packb("reason") \
+        + msgpack.packb("y")
+    with pytest.raises(BadPacket) as exc:
+        control.decode_untrusted(raw(twice))
+    assert exc.value.reason == "control-msgpack"

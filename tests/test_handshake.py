@@ -68,7 +68,7 @@ def assert_no_server_state(server: ServerProtocol) -> None:
 # --- the happy path ------------------------------------------------------------------------------
 
 def test_full_handshake_data_and_control():
-    server, client, src = pair(seed=1)
+    server, client, src = pair(seed=1, vnet_hdr=False)
     log: list = []
     client.connect(0.0)
     assert client.state == "handshaking"
@@ -120,7 +120,7 @@ def test_full_handshake_data_and_control():
 
 
 def test_server_delivery_names_the_peer():
-    server, client, src = established_pair(seed=2)
+    server, client, src = established_pair(seed=2, vnet_hdr=False)
     pkt = ipv4_packet(payload=b"abc")
     result = server.receive_datagram(client.encrypt(pkt, 1.0), src, 1.0)
     assert result == (server.peers[client.public], pkt)
@@ -183,7 +183,7 @@ def _traffic(server, client, sent_up: list, sent_down: list, seen: dict, server_
 
 
 def test_rekey_at_120s_without_loss_and_old_keypair_until_it_ages_out():
-    server, client, src = established_pair(seed=4)
+    server, client, src = established_pair(seed=4, vnet_hdr=False)
     peer = server.peers[client.public]
     first = client.current
     sent_up, sent_down, seen, server_events = [], [], {}, []
@@ -239,7 +239,7 @@ def test_no_second_rekey_before_its_time():
 
 
 def test_keypair_unused_after_180s_and_server_ends_the_peer():
-    server, client, src = established_pair(seed=6)
+    server, client, src = established_pair(seed=6, vnet_hdr=False)
     peer = server.peers[client.public]
     no_handshakes = blocking_link(c2s=lambda dg: dg[0] == MSG_INITIATION)
     sent_up, sent_down, seen = [], [], {}
@@ -374,7 +374,7 @@ def test_no_reconnect_while_the_server_answers_steady_one_way_traffic():
 # --- replayed and unwanted initiations ----------------------------------------------------------------
 
 def test_replayed_initiation_creates_nothing_and_does_not_disturb_the_live_session():
-    server, client, src = pair(seed=12)
+    server, client, src = pair(seed=12, vnet_hdr=False)
     log: list = []
     client.connect(0.0)
     shuttle(server, client, src, 0.0, recording_link(log))
@@ -529,7 +529,7 @@ def test_cookie_reply_for_another_index_is_refused():
 # --- roaming -------------------------------------------------------------------------------------
 
 def test_roaming_follows_authenticated_packets_only():
-    server, client, src = established_pair(seed=18)
+    server, client, src = established_pair(seed=18, vnet_hdr=False)
     peer = server.peers[client.public]
     new_src = ("198.18.99.1", 33333)
     attacker = ("203.0.113.66", 6666)
@@ -698,7 +698,7 @@ def test_forged_response_does_not_poison_the_pending_handshake(forgery):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_lossy_link_connects_rekeys_and_never_delivers_twice(seed):
-    server, client, src = pair(seed=100 + seed)
+    server, client, src = pair(seed=100 + seed, vnet_hdr=False)
     link = lossy_link(seed, drop=0.1, dup=0.05, reorder=0.1)
     sent_up, sent_down = [], []
     state = {"n": 0}
@@ -737,7 +737,7 @@ def test_lossy_link_connects_rekeys_and_never_delivers_twice(seed):
 
 def test_psk_must_match():
     psk = bytes(range(32))
-    server, client, src = established_pair(seed=40, psk=psk)
+    server, client, src = established_pair(seed=40, psk=psk, vnet_hdr=False)
     pkt = ipv4_packet(payload=b"with psk")
     client.send_packet(pkt, 1.0)
     assert shuttle(server, client, src, 1.0)[0] == [pkt]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from vpncore.proto.constants import FEATURE_PARITY, FEATURE_SUPERPACKET, LOSS_REPORT_INTERVAL, SUPER_PARITY_NO, VNET_HDR_LEN
 from vpncore.proto.events import LossReported
 
-from tests.helpers import drain_events, established_pair, ipv4_packet, shuttle, udp_payload
+from tests.helpers import agreed_pair, drain_events, ipv4_packet, shuttle, udp_payload
 
 CHUNK = 1420 + 16
 CONFIG = {"type": "config", "version": 1, "routes": [], "mtu": 1420,
@@ -19,24 +19,15 @@ def _gso_read(n: int) -> bytes:
     return bytes([0, 1]) + bytes(VNET_HDR_LEN - 2) + ipv4_packet(payload=udp_payload(n, 7))
 
 
-def _agreed(seed):
-    server, client, src = established_pair(seed=seed, vnet_hdr=True)
-    peer = server.peers[client.public]
-    server.send_control(peer, CONFIG, 0.0)
-    shuttle(server, client, src, 0.0)
-    drain_events(client)
-    return server, client, src, peer
-
-
 def test_both_sides_agree_from_hello_and_config():
-    server, client, src, peer = _agreed("parity-agree")
+    server, client, src, peer = agreed_pair("parity-agree")
     assert FEATURE_PARITY in client.features
     assert peer.super and peer.parity            # the client's hello listed both
     assert client.peer_super and client.peer_parity
 
 
 def test_a_lost_fragment_is_rebuilt_and_reported_as_repaired():
-    server, client, src, peer = _agreed("parity-rebuild")
+    server, client, src, peer = agreed_pair("parity-rebuild")
     peer.add_parity = True
     data = _gso_read(8000)
     frames = server.encrypt_frames(peer, data, 1.0, CHUNK)
@@ -53,7 +44,7 @@ def test_a_lost_fragment_is_rebuilt_and_reported_as_repaired():
 
 
 def test_no_parity_unless_the_embedding_and_the_peer_want_it():
-    server, client, src, peer = _agreed("parity-off")
+    server, client, src, peer = agreed_pair("parity-off")
     data = _gso_read(8000)
     assert peer.add_parity is False
     assert all(f[2] != SUPER_PARITY_NO for f in server.encrypt_frames(peer, data, 1.0, CHUNK))
@@ -67,7 +58,7 @@ def test_no_parity_unless_the_embedding_and_the_peer_want_it():
 
 
 def test_the_parity_after_a_whole_super_packet_is_dropped_as_unused():
-    server, client, src, peer = _agreed("parity-unused")
+    server, client, src, peer = agreed_pair("parity-unused")
     client.parity = True
     frames = client.encrypt_frames(_gso_read(5000), 1.0, CHUNK)
     got = [server.receive_datagram(f, src, 1.0) for f in frames]

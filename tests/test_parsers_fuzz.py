@@ -189,11 +189,11 @@ def test_cookie_consume_reply(dg, primed):
 # --- the state machines on arbitrary datagrams ----------------------------------------------------
 
 def _server_states():
-    """A fresh server, one under load, one with a live peer, and one with a live peer and vnet_hdr."""
+    """A fresh server, one under load, one with a live peer (plain TUN), and one with a live peer and vnet_hdr."""
     fresh, _, _ = pair(seed=SEED)
     loaded, _, _ = pair(seed=SEED)
     loaded.under_load = True
-    live, _, _ = established_pair(seed=SEED)
+    live, _, _ = established_pair(seed=SEED, vnet_hdr=False)
     live_vnet, _, _ = established_pair(seed=SEED, vnet_hdr=True)
     return fresh, loaded, live, live_vnet
 
@@ -219,7 +219,7 @@ def _client_states():
     _, handshaking, _ = pair(seed=SEED)
     handshaking.connect(0.0)
     handshaking.datagrams_to_send()
-    _, established, _ = established_pair(seed=SEED + "2")
+    _, established, _ = established_pair(seed=SEED + "2", vnet_hdr=False)
     _, established_vnet, _ = established_pair(seed=SEED + "3", vnet_hdr=True)
     return handshaking, established, established_vnet
 
@@ -356,13 +356,14 @@ _LIVE: list = []
 
 
 def _live_pair():
-    """One established pair reused across examples; rebuilt when a hostile 'close' ended it."""
+    """One established pair (plain TUN: the plaintext is the packet) reused across examples; rebuilt when
+    a hostile 'close' ended it."""
     if _LIVE:
         server, client, src = _LIVE[0]
         peer = server.peers.get(client.public)
         if client.state == "established" and peer is not None and peer.current is not None:
             return _LIVE[0]
-    _LIVE[:] = [established_pair(seed=SEED + "live")]
+    _LIVE[:] = [established_pair(seed=SEED + "live", vnet_hdr=False)]
     return _LIVE[0]
 
 

@@ -1,4 +1,4 @@
-"""TunWriter (vpncore/net/pump.py): TUN writes from a thread, in the order they were handed over, with
+"""TunWriter (vpncore/net/tunwriter.py): TUN writes from a thread, in the order they were handed over, with
 a bounded queue (write() waits for room; it drops only when the thread stalls). A blocking AF_UNIX datagram socketpair stands in for the TUN fd (a unit test: the e2e
 tests and bench/e2e.py run it on real TUN devices)."""
 
@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from vpncore.net.pump import TunWriter
+from vpncore.net.tunwriter import TunWriter
 
 BIG = TunWriter.THREAD_ABOVE + 1
 

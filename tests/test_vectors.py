@@ -2,7 +2,8 @@
 
 Each vector is recomputed from its inputs and compared byte for byte: handshakes both through the
 handshake functions and through ClientConnection/ServerProtocol driven by the vectors' rng script;
-transport datagrams through session.Keypair and through a live client/server pair; replay sequences
+transport datagrams through session.Keypair, through tunnel.Tunnel (the transport half both ends
+use) and through a live client/server pair; replay sequences
 through a ReplayWindow; control plaintexts through control.encode / control.decode_untrusted.
 """
 
@@ -26,8 +27,9 @@ from vpncore.proto.events import ControlReceived, ServerClosed, SessionStarted
 from vpncore.proto.noise import public_key
 from vpncore.proto.replay import ReplayWindow
 from vpncore.proto.server import ServerProtocol
-from vpncore.proto.session import Keypair, ip_packet_length, pad
-from vpncore.proto.superpacket import parse_fragment, receive_fragment, seal_fragments
+from vpncore.proto.session import Keypair, pad
+from vpncore.proto.superpacket import seal_fragments
+from vpncore.proto.tunnel import Tunnel
 from vpncore.proto.timestamp import tai64n
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocol-spec" / "vectors"
@@ -220,26 +222,22 @@ def test_cookie_reply_and_mac2(case):
 
 # --- transport (SPEC §5) -----------------------------------------------------------------------
 
+def _receiving_tunnel(key: bytes, local_index: int, vnet_hdr: bool = False):
+    """A Tunnel with one keypair that receives with `key` at `local_index`; its control messages."""
+    msgs: list = []
+    tunnel = Tunnel(vnet_hdr=vnet_hdr, control=lambda msg, now: msgs.append(msg))
+    tunnel.use(Keypair(bytes(32), key, local_index, 0, 0.0, initiator=False))
+    return tunnel, msgs
+
+
 def _receive(key: bytes, local_index: int, dg: bytes):
-    """SPEC §5.5 for one keypair: (kind, delivered) or the drop reason."""
-    kp = Keypair(bytes(32), key, local_index, 0, 0.0, initiator=False)
+    """SPEC §5.7 for one keypair through Tunnel.open_untrusted: (kind, delivered) or the drop reason."""
+    tunnel, msgs = _receiving_tunnel(key, local_index)
     try:
-        kind, index, counter = wire.unpack_transport_header_untrusted(dg)
-        if index != local_index:
-            raise BadPacket("index")
-        plain = kp.open(dg, counter)
-        if kind == KIND_DATA:
-            if not plain:
-                return kind, None
-            n = ip_packet_length(plain)
-            if n <= 0:
-                raise BadPacket("inner-length")
-            return kind, plain[:n]
-        if kind == KIND_CONTROL:
-            return kind, control.decode_untrusted(plain)
-        raise BadPacket("kind")
+        delivered = tunnel.open_untrusted(dg, 0.0)
     except BadPacket as exc:
         return exc.reason
+    return (KIND_CONTROL, msgs[0]) if msgs else (KIND_DATA, delivered)
 
 
 @pytest.mark.parametrize("case", TRANSPORT["cases"], ids=lambda c: c["name"])
@@ -315,23 +313,15 @@ def test_transport_through_client_and_server():
 
 
 def _receive_super(key: bytes, local_index: int, fragments: list[bytes]):
-    """SPEC §5.5 for one keypair: the delivered vnet_hdr || packet, None while incomplete, or the drop reason."""
-    kp = Keypair(bytes(32), key, local_index, 0, 0.0, initiator=False)
+    """SPEC §5.5 for one keypair through Tunnel.open_untrusted on a vnet_hdr end: the delivered
+    vnet_hdr || packet, None while incomplete, or the drop reason."""
+    tunnel, _ = _receiving_tunnel(key, local_index, vnet_hdr=True)
     try:
         plain = None
         for dg in fragments:
-            kind, _, _ = wire.unpack_transport_header_untrusted(dg)   # §5.7 steps 1-2 apply to fragments too
-            assert kind == KIND_SUPER
-            no, n, index, counter = parse_fragment(dg)
-            if index != local_index:
-                raise BadPacket("index")
-            plain = receive_fragment(kp, dg, no, n, counter)
-        if plain is None:
-            return None
-        size = ip_packet_length(plain, VNET_HDR_LEN)
-        if size <= 0:
-            raise BadPacket("inner-length")
-        return plain[:VNET_HDR_LEN + size]
+            assert dg[1] == KIND_SUPER
+            plain = tunnel.open_untrusted(dg, 0.0)
+        return None if plain is None else bytes(plain)
     except BadPacket as exc:
         return exc.reason
 

@@ -167,6 +167,7 @@ def up(args) -> int:
                         f"{locations.MEASURE_TIMEOUT:g} s; trying them in config order")
             client = Client(cfg, Log(PROG, LEVELS[args.log_level]), out=out, targets=targets, conn=conn,
                             guard=guard)
+            client.open()
             await client.run()
 
         trio.run(main)

@@ -1,4 +1,7 @@
-"""vpnclient's runtime: TUN device, connected UDP socket, timers, and the local control socket."""
+"""vpnclient's runtime: TUN device, connected UDP socket, timers, failover and the local control socket.
+
+The packets move in the shared pump (vpncore/net/pump.py); ClientSide is this end's side of it.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,17 @@ import errno
 import os
 import signal
 import time
+from functools import partial
 
 import trio
 
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import BATCH_BYTES, BATCH_READS, HeldSends, TunWriter, Udp
-from vpncore.net.udp import open_connected
+from vpncore.net.gsosize import tun_gso_max_size
+from vpncore.net.pump import Link, Pump, PumpLimits
+from vpncore.net.udp import Udp, UdpSet, open_connected
 from vpncore.proto import control
-from vpncore.proto.constants import VNET_HDR_LEN
 from vpncore.proto.client import ClientConnection
 from vpncore.proto.events import ControlReceived, HandshakeCompleted, LossReported, ServerClosed
 from vpncore.userror import UserError
@@ -25,8 +28,8 @@ from .config import ClientConfig, ServerEntry
 from .locations import NOTICE, PROBE, SWITCH, Failover, Target, open_socket
 from .system import Applied
 
-TICK = 0.2
-TUN_READ_SIZE = 65536 + VNET_HDR_LEN
+TICK = 0.2                  # failover and re-binding checks; protocol timers run when due (get_timer)
+TIMER_SLACK = 0.001         # the shortest sleep of the timer loop: a deadline already past never spins
 INITIAL_MTU = 1420
 
 
@@ -41,9 +44,43 @@ def new_connection(cfg: ClientConfig, server: ServerEntry, rng=os.urandom) -> Cl
 _REBIND_ERRNOS = (errno.ENETUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL)
 
 
+class ClientSide:
+    """The Side (pump.Side) of vpnclient: every read goes to the one server; what the connection
+    opens goes to the TUN. attach() follows failover to a new connection."""
+
+    def __init__(self, client: "Client", conn: ClientConnection):
+        self.client = client
+        self.conn = conn
+        self.link = Link(conn.encrypt_frames, partial(setattr, conn, "parity"), INITIAL_MTU + 16)
+        self._route = (self.link, None)       # None: the connected socket
+
+    def attach(self, conn: ClientConnection) -> None:
+        """A new connection (failover): the governor carries over to it."""
+        self.conn = conn
+        self.link.rebind(conn.encrypt_frames, partial(setattr, conn, "parity"))
+
+    def route(self, read: bytes, now: float):
+        return self._route
+
+    def open(self, dg: bytes, src, now: float):
+        return self.conn.receive_datagram(dg, now)
+
+    def open_train(self, buf: bytes, seg: int, src, now: float):
+        return self.conn.receive_train(buf, seg, now)
+
+    def events(self, now: float) -> None:
+        self.client._handle_events()
+
+    def deliver(self, packet, now: float):
+        return packet
+
+    def after_batch(self, now: float) -> None:
+        self.client._flush()
+
+
 class Client:
     def __init__(self, cfg: ClientConfig, log: Log, rng=os.urandom, out=print, *, targets=None, conn=None,
-                 guard=None):
+                 guard=None, limits: PumpLimits = PumpLimits()):
         self.cfg = cfg
         self.log = log
         self.out = out
@@ -53,13 +90,14 @@ class Client:
         self.failover = Failover(len(self.targets), time.monotonic())
         self.guard = guard            # guard.Guard: kill switch and resolver, or None
         self.conn = conn or new_connection(cfg, self.targets[0].server, rng)
+        self.limits = limits
+        self.side = ClientSide(self, self.conn)
+        self.pump = None              # made by attach(): the devices are in
         self._switch = trio.Event()
         self._rebind = False         # on _switch: re-open the socket instead of changing server
         self._connect_started = time.monotonic()
         self._announced = None        # the connection whose first handshake was reported
         self.tun = None
-        self.tun_writer = None
-        self.gso = None
         self.sock = None
         self.udp = None
         self.endpoint = None
@@ -76,40 +114,40 @@ class Client:
         return self.targets[self.failover.index]
 
     def open(self) -> None:
-        self.sock, self.endpoint = open_connected(self.target.host, self.target.port, self.cfg.fwmark)
-        self.udp = Udp(self.sock)
+        """The real devices: the connected socket, then the TUN."""
+        sock, endpoint = open_connected(self.target.host, self.target.port, self.cfg.fwmark)
+        self.sock = sock
         try:
-            self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
-            tunlib.set_mtu(self.tun.name, INITIAL_MTU)
-            tunlib.set_gso_max_size(self.tun.name, tun_gso_max_size(INITIAL_MTU))
-            self.tun_writer = None if os.environ.get("VPN_TUN_INLINE") else TunWriter(self.tun.fd)
-            tunlib.link_up(self.tun.name)
+            tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
+            self.tun = tun
+            tunlib.set_mtu(tun.name, INITIAL_MTU)
+            tunlib.set_gso_max_size(tun.name, tun_gso_max_size(INITIAL_MTU))
+            tunlib.link_up(tun.name)
         except tunlib.TunError as exc:
             self.close()
             raise UserError(str(exc), 1) from None
-        self.applied = Applied(self.tun.name)
-        self.gso = GsoGovernor()
-        self._set_parity()
+        self.attach(tun, sock, endpoint, Applied(tun.name))
 
-    def _set_parity(self) -> None:
-        """Parity fragments on our super-packets while the server reports loss (gsosize)."""
-        self.conn.parity = self.gso is not None and self.gso.parity
+    def attach(self, tun, sock, endpoint, applied) -> None:
+        """The devices to pump between: open() attaches the real ones; bench/micro.py and tests a
+        fake TUN (vpncore/net/fake.py), a loopback socket and a stand-in for system.Applied."""
+        self.tun, self.sock, self.endpoint, self.applied = tun, sock, endpoint, applied
+        self.udp = Udp(sock)
+        self.pump = Pump(tun.fd, UdpSet([self.udp]), self.side, self.limits)
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        if self.tun_writer is not None:
-            self.tun_writer.close()
-            self.tun_writer = None
+        if self.pump is not None:
+            self.pump.close()    # the writer thread, before the TUN fd closes
+            self.pump = None
         if self.tun is not None:
             self.tun.close()     # removes the device with every address and route we added
             self.tun = None
-        self.gso = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        if self.tun is None:   # bench/micro hands in a fake TUN and a loopback socket
-            self.open()
+        """Run until stop(), `down` or a refusal, on the devices open() or attach() gave; closes them."""
         try:
             listener = self._open_control_socket()
             async with trio.open_nursery() as nursery:
@@ -139,11 +177,10 @@ class Client:
 
     # --- loops ---------------------------------------------------------------------
     async def _pump(self) -> None:
-        """The two hot loops; restarted (their bodies unchanged) when failover swaps conn and socket."""
+        """The pump; stopped while failover swaps the connection or the socket, then restarted."""
         while True:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._udp_loop)
-                nursery.start_soon(self._tun_loop)
+                nursery.start_soon(self.pump.run)
                 await self._switch.wait()
                 nursery.cancel_scope.cancel()
             self._switch = trio.Event()
@@ -152,6 +189,7 @@ class Client:
                 self._reopen_socket()
             else:
                 self._swap()
+            self.pump.set_udps(UdpSet([self.udp]))
 
     async def _signal_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -159,67 +197,20 @@ class Client:
                 self._stop.set()
                 return
 
-    def _write_tun(self, packet) -> None:
-        """Without a TunWriter (bench/micro's fake TUN): inline; a failed write is the packet's loss."""
-        try:
-            os.write(self.tun.fd, packet)
-        except OSError:
-            pass
-
-    async def _udp_loop(self) -> None:
-        recv_trains = self.udp.recv_trains
-        conn = self.conn
-        write = self.tun_writer.write if self.tun_writer is not None else self._write_tun
-        while True:
-            await trio.lowlevel.wait_readable(self.sock)
-            now = time.monotonic()
-            for dg, _, seg in recv_trains(BATCH_READS, BATCH_BYTES):
-                if seg:            # a GRO train: whole super-packets in one step
-                    for packet in conn.receive_train(dg, seg, now):
-                        write(packet)
-                    continue
-                packet = conn.receive_datagram(dg, now)
-                if packet is not None:
-                    write(packet)
-            self._handle_events()
-            self._flush()
-
-    async def _tun_loop(self) -> None:
-        fd = self.tun.fd
-        read = os.read
-        encrypt_frames = self.conn.encrypt_frames
-        udp = self.udp
-        held = HeldSends()
-        send = held.send
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            now = time.monotonic()
-            chunk = (self.applied.mtu or INITIAL_MTU) + 16
-            got = 0
-            for _ in range(BATCH_READS):
-                if got >= BATCH_BYTES:
-                    break
-                try:
-                    packet = read(fd, TUN_READ_SIZE)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    break
-                got += len(packet)
-                if len(packet) > SPLIT_ABOVE and self.gso is not None:
-                    pieces = self.gso.pieces(packet)
-                else:
-                    pieces = (packet,)
-                for piece in pieces:
-                    send(udp, encrypt_frames(piece, now, chunk))
-            held.flush()
-
     async def _timer_loop(self) -> None:
+        """The connection's timers when due (conn.get_timer); failover and re-binding every TICK."""
+        policy_at = time.monotonic() + TICK
         while True:
-            await trio.sleep(TICK)
-            self.conn.handle_timer(time.monotonic())
+            due = self.conn.get_timer()
+            wake = policy_at if due is None else min(due, policy_at)
+            await trio.sleep(max(TIMER_SLACK, wake - time.monotonic()))
+            now = time.monotonic()
+            self.conn.handle_timer(now)
             self._handle_events()
             self._flush()
+            if now < policy_at:
+                continue
+            policy_at = now + TICK
             self._failover_tick()
             if self.udp is not None and self.udp.last_errno in _REBIND_ERRNOS and not self._switch.is_set():
                 self.udp.last_errno = 0
@@ -259,7 +250,7 @@ class Client:
         self.sock, self.endpoint = open_socket(new, self.out, self.cfg.fwmark)
         self.udp = Udp(self.sock)
         self.conn = new_connection(self.cfg, new.server, self._rng)
-        self._set_parity()
+        self.side.attach(self.conn)
         self._connect_started = now
         self.conn.connect(now)
         self._flush()
@@ -279,7 +270,9 @@ class Client:
                     ms = (time.monotonic() - self._connect_started) * 1000
                     self.out(f"vpnclient: connected to {self.target.label} (handshake {ms:.1f} ms); configuring")
             elif isinstance(ev, ControlReceived) and ev.msg["type"] == "config":
-                if self.applied.apply(ev.msg):
+                applied = self.applied.apply(ev.msg)
+                self.side.link.chunk = (self.applied.mtu or INITIAL_MTU) + 16
+                if applied:
                     self.log.event("config-applied")
                     self.out(f"vpnclient: tunnel up on {self.applied.ifname}: {', '.join(self.applied.addresses)}")
                 if self.guard is not None:
@@ -288,9 +281,7 @@ class Client:
                     for line in self.guard.route(self.applied.ifname, self.applied.routes, self.applied.addresses):
                         self.out(line)
             elif isinstance(ev, LossReported):
-                if self.gso is not None:
-                    self.gso.report(ev.done, ev.lost, ev.repaired)
-                    self._set_parity()
+                self.side.link.loss_report(ev.done, ev.lost, ev.repaired)
             elif isinstance(ev, ServerClosed):
                 self.log.event("server-closed")
                 if ev.retry and self.failover.enabled:
@@ -306,6 +297,7 @@ class Client:
     # --- status and down over a local socket ----------------------------------------------------
     def status(self) -> dict:
         c = self.conn
+        totals = c.statistics()
         now = time.monotonic()
         return {
             "interface": self.tun.name if self.tun else None,
@@ -313,13 +305,13 @@ class Client:
             "server_endpoint": f"[{self.endpoint[0]}]:{self.endpoint[1]}" if ":" in self.endpoint[0]
             else f"{self.endpoint[0]}:{self.endpoint[1]}",
             "handshake_age_s": None if c.last_handshake is None else round(now - c.last_handshake, 1),
-            "bytes_in": c.rx_bytes,
-            "bytes_out": c.tx_bytes,
+            "bytes_in": totals.rx_bytes,
+            "bytes_out": totals.tx_bytes,
             "addresses": list(self.applied.addresses) if self.applied else [],
             "routes": list(self.applied.routes) if self.applied else [],
             "mtu": self.applied.mtu if self.applied else None,
             "dns": list(self.applied.dns) if self.applied else [],
-            "drops": sum(c.drops.values()),
+            "drops": sum(totals.drops.values()),
             "server": self.target.server.name,
             "location": self.target.server.location,
             "servers": len(self.targets),

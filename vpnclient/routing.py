@@ -48,15 +48,19 @@ def families(routes: list[str], addresses: list[str], full_tunnel: bool | None) 
     """The families (4, 6) whose default route goes into our table."""
     if full_tunnel is False:
         return []
-    pushed = {fam for fam, net in DEFAULTS.items() if net in routes}
+    pushed = {ipaddress.ip_network(r, strict=False).version for r in routes if is_default(r)}
     if full_tunnel:
         pushed |= {ipaddress.ip_interface(a).version for a in addresses}
     return sorted(pushed)
 
 
 def is_default(route: str) -> bool:
-    """A default route (never for the main table: `families` decides where it goes)."""
-    return route in DEFAULTS.values()
+    """A default route in any spelling the control channel accepts (`0.0.0.0/0`, `::0/0`, `0:0::/00`:
+    a prefix length of 0), never for the main table: `families` decides where it goes."""
+    try:
+        return ipaddress.ip_network(route, strict=False).prefixlen == 0
+    except ValueError:
+        return False
 
 
 def bypass_networks(family: int, exclude: list[str], allow_lan: bool) -> list[str]:

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def serve(path: str) -> int:
+def serve(path: str, make_server=None) -> int:
+    """Run the server for the config at `path` in the foreground. `make_server(cfg, log)` builds it
+    (default vpnd.server.Server; the test harness, tests/e2e/vpnd_harness.py, passes its own)."""
     import trio
 
     from vpncore.log import Log
@@ -78,13 +80,9 @@ def serve(path: str) -> int:
     log = Log(PROG, cfg.log_level)
     for warning in harden():
         print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
-    hooks = os.environ.get("VPND_TEST_HOOKS") == "1"
-    server = Server(cfg, log, test_hooks=hooks)
-    if hooks and os.environ.get("VPND_TEST_REJECT_AFTER"):
-        server.proto.reject_after = float(os.environ["VPND_TEST_REJECT_AFTER"])
-    if hooks and os.environ.get("VPND_TEST_FAULT_RATE"):
-        server.fault_rate = float(os.environ["VPND_TEST_FAULT_RATE"])
+    server = (make_server or Server)(cfg, log)
     try:
+        server.open()
         trio.run(server.run)
     except TunError as exc:
         raise UserError(str(exc), 1) from None

@@ -32,7 +32,8 @@ Measures, and what each covers:
    API writes memory: nothing is written by address.
 3. `scrub_malloc()` (glibc's main arena, objects over 512 bytes, e.g. TUN reads of a DNS answer):
    8 chunks of each tcache size, then as many 64-byte chunks as `mallinfo2()` says are free, each
-   zeroed and given back.
+   zeroed and given back; then `malloc_trim(0)`, which returns every whole free page to the kernel
+   (it reads as zeros afterwards).
 
 vpnd runs both (`forget_freed`) from its timer loop at most once a second, and only after a
 session ended. Cost, measured: 10-15 ms in a small vpnd (about 22,000 blocks, 5,000-8,000 chunks);
@@ -177,6 +178,7 @@ def _libc():
         libc.malloc.restype = ctypes.c_void_p
         libc.malloc.argtypes = (ctypes.c_size_t,)
         libc.free.argtypes = (ctypes.c_void_p,)
+        libc.malloc_trim.argtypes = (ctypes.c_size_t,)
         return libc
     except (OSError, AttributeError):       # not glibc >= 2.33
         return None
@@ -188,30 +190,40 @@ _LIBC = _libc()
 def scrub_malloc() -> dict:
     """Overwrite the free memory of glibc's main arena: this thread's tcache (8 chunks of each of its
     sizes), then as many zero-filled 64-byte chunks as the arena has free bytes
-    (`mallinfo2().fordblks`), taken (best fit: holes first, then split from larger free chunks)
-    and given back. Free chunks smaller than 80 bytes outside the tcache, other threads' tcaches
-    and other arenas are not reached. Returns {"ok", "chunks"}."""
+    (`mallinfo2().fordblks`), taken (best fit: holes first, then split from larger free chunks);
+    then, still holding those, the smaller sizes (48, 32 and 16-byte requests) down to what is left,
+    which takes the remainders that splitting left (a freed 600-byte packet cut into 80-byte chunks
+    leaves a 48-byte tail with its old bytes); all given back, then `malloc_trim(0)`. Other
+    threads' tcaches and other arenas are not reached. Returns {"ok", "chunks"}."""
     if _LIBC is None:
         return {"ok": False, "chunks": 0}
-    free = _LIBC.mallinfo2().fordblks
-    sizes = [size for size in TCACHE_SIZES for _ in range(TCACHE_COUNT)]
-    n = len(sizes) + min(MALLOC_MAX_CHUNKS, free // (MALLOC_CHUNK + 16) + 64)
-    sizes += [MALLOC_CHUNK] * (n - len(sizes))
-    chunks = (ctypes.c_void_p * n)()
-    malloc, memset = _LIBC.malloc, ctypes.memset
-    got = 0
+    held: list[int] = []
+    ok = True
     try:
-        for i, size in enumerate(sizes):
-            p = malloc(size)
-            if not p:
-                break
-            memset(p, 0, size)
-            chunks[i] = p
-            got += 1
+        ok &= _take(held, [size for size in TCACHE_SIZES for _ in range(TCACHE_COUNT)])
+        for request in (MALLOC_CHUNK, 56, 40, 24):
+            free = _LIBC.mallinfo2().fordblks
+            n = free // (request + 8) + 64
+            ok &= n <= MALLOC_MAX_CHUNKS and _take(held, [request] * min(n, MALLOC_MAX_CHUNKS))
     finally:
-        for i in range(got):
-            _LIBC.free(chunks[i])
-    return {"ok": n < MALLOC_MAX_CHUNKS, "chunks": got}
+        for p in held:
+            _LIBC.free(p)
+    # and every whole free page of the arena goes back to the kernel (madvise DONTNEED: it reads as
+    # zeros from now on), which also takes what merged into the top of the heap
+    _LIBC.malloc_trim(0)
+    return {"ok": bool(ok), "chunks": len(held)}
+
+
+def _take(held: list, sizes: list) -> bool:
+    """malloc and zero one chunk per size, kept in `held`; False if malloc said no."""
+    malloc, memset = _LIBC.malloc, ctypes.memset
+    for size in sizes:
+        p = malloc(size)
+        if not p:
+            return False
+        memset(p, 0, size)
+        held.append(p)
+    return True
 
 
 def forget_freed() -> dict:

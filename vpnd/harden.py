@@ -25,7 +25,3 @@ def harden() -> list[str]:
         warnings.append("could not lock memory (mlockall): session keys may reach swap; "
                         "raise RLIMIT_MEMLOCK or run as root with CAP_IPC_LOCK")
     return warnings
-
-
-def is_dumpable() -> bool:
-    return _libc().prctl(3, 0, 0, 0, 0) == 1   # PR_GET_DUMPABLE

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 
 class AddressPool:
     def __init__(self, network):
@@ -43,19 +41,3 @@ class AddressPool:
     def server_interface(self) -> str:
         return self.interface(self.server)
 
-
-def ip_version(packet: bytes) -> int:
-    return packet[0] >> 4 if packet else 0
-
-
-def packet_source(packet: bytes) -> bytes:
-    v = packet[0] >> 4
-    return packet[12:16] if v == 4 else packet[8:24]
-
-
-def packet_destination(packet: bytes) -> bytes:
-    v = packet[0] >> 4
-    return packet[16:20] if v == 4 else packet[24:40]
-
-
-__all__ = ["AddressPool", "packet_source", "packet_destination", "ipaddress"]

@@ -1,8 +1,8 @@
-"""vpnd's runtime: the TUN device, the UDP sockets and the loops between them (DESIGN §1, §3).
+"""vpnd's runtime: the TUN device, the UDP sockets, timers, the control socket and events (DESIGN §1).
 
-Policy lives here (address pools, cryptokey routing, what is pushed to clients);
-the protocol lives in vpncore.proto.server. Hot loops await once per batch and
-never log: they count.
+Policy lives here (address pools, plans, what is pushed to clients) and, per packet, in
+datapath.ServerSide; the packets move in the shared pump (vpncore/net/pump.py); the protocol
+lives in vpncore.proto.server.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import os
 import signal
 import socket
 import time
-import gc
-import random
 from collections import Counter
 
 import trio
@@ -20,18 +18,19 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import SPLIT_ABOVE, GsoGovernor, tun_gso_max_size
-from vpncore.net.pump import BATCH_BYTES, BATCH_READS, HeldSends, TunWriter, Udp
-from vpncore.net.udp import open_listener
-from vpncore.proto.constants import (
-    CONTROL_VERSION, FEATURE_PARITY, FEATURE_SUPERPACKET, INITIATION_LEN, MSG_INITIATION, VNET_HDR_LEN,
-)
+from vpncore.net.gsosize import tun_gso_max_size
+from vpncore.net.pump import Pump, PumpLimits, PumpStats
+from vpncore.net.udp import Udp, UdpSet, open_listener
+from vpncore.proto import control
+from vpncore.proto.constants import FEATURE_PARITY, FEATURE_SUPERPACKET
+from vpncore.proto.tunnel import Statistics
 from vpncore.proto.events import ControlReceived, LossReported, SessionEnded, SessionStarted
 from vpncore.proto.server import ServerProtocol
 
 from vpncore.userror import UserError
 
 from .config import ServerConfig, pushed_routes
+from .datapath import PeerInfo, ServerSide, new_link
 from .dns import DnsForwarder
 from .forget import forget_freed
 from . import conntrack
@@ -40,51 +39,32 @@ from .policy import Policy
 from .pool import AddressPool
 from .stats import DailyStats
 
-TICK = 0.25
+TICK = 0.25                 # vpnd's policy period; protocol timers run when due (get_timer)
+# the shortest sleep of the timer loop: deadlines within 50 ms share one handle_timer (which visits
+# every peer: with thousands of sessions their deadlines are spread thin), and a past one never spins
+TIMER_COALESCE = 0.05
 UNDER_LOAD_INITIATIONS_PER_TICK = 64
 # Cookie replies per tick under load (24,576/s). One costs ~7 us of Python plus a sendto: this bounds
 # what a flood of valid-mac1 initiations can take from the data path (~30% of a core); beyond it,
 # initiations are dropped unanswered ("cookie-budget"), and a legitimate client's chance of a reply
 # to one initiation is this budget over the flood's rate.
 COOKIE_REPLIES_PER_TICK = 6144
-TUN_READ_SIZE = 65536 + VNET_HDR_LEN
-# offsets of the inner addresses behind the virtio_net_hdr
-V4_SRC, V4_DST, V6_SRC, V6_DST = VNET_HDR_LEN + 12, VNET_HDR_LEN + 16, VNET_HDR_LEN + 8, VNET_HDR_LEN + 24
-
-
-class PeerInfo:
-    """What the policy layer attaches to a live peer: its tunnel addresses (packed)."""
-
-    __slots__ = ("addresses", "allowed", "account", "gso", "__weakref__")
-
-    def __init__(self, account=None):
-        self.gso = GsoGovernor()   # this peer's super-packet size and parity, from its loss reports
-        self.addresses = []     # ipaddress objects
-        self.allowed = set()    # packed bytes, for the inner-source check
-        self.account = account  # policy.AccountState, or None for a [[client]] without an account
-
-    def __repr__(self) -> str:
-        return "PeerInfo(...)"
-
-    def __reduce__(self):
-        raise TypeError("session state is memory-only")
 
 
 class Server:
     # memory (vpnd/forget.py): overwrite freed blocks that may hold an ended session's endpoint,
     # from the timer, at most once a second and only after a session ended
     SCRUB_EVERY = 1.0
+    side_class = ServerSide          # the per-packet policy handed to the pump (vpnd/datapath.py)
     _scrub_due = False
     _scrub_at = 0.0
-    scrubs = 0
 
-    def __init__(self, cfg: ServerConfig, log: Log, rng=os.urandom, test_hooks: bool = False):
+    def __init__(self, cfg: ServerConfig, log: Log, rng=os.urandom, limits: PumpLimits = PumpLimits()):
         self.cfg = cfg
         self.log = log
+        self.limits = limits
         self.stats = DailyStats()
-        self._reported = (0, 0)          # proto byte totals already added to the day's figures
-        self.test_hooks = test_hooks     # only tests set this (VPND_TEST_HOOKS=1): gc-scan command
-        self.fault_rate = 0.0            # tests only (VPND_TEST_FAULT_RATE): fail this share of packets
+        self._proto_seen = Statistics()  # the protocol's totals already in the day's figures
         self.proto = ServerProtocol(private_key=cfg.private_key, rng=rng, vnet_hdr=True)
         self.chunk = cfg.mtu + 16   # fragment payload: a fragment is as big as a full-MTU data datagram
         self.pools = [AddressPool(n) for n in (cfg.pool4, cfg.pool6) if n is not None]
@@ -101,15 +81,13 @@ class Server:
         self.sessions_started = 0
         self.tun = None
         self.socks: list[socket.socket] = []
-        self._udp_by_family: dict[int, Udp] = {}
-        self._initiations = 0
-        self._send_errors = 0            # Udp.errors already counted in the day's figures
-        self._udps: list[Udp] = []       # one per socket, made when the loops start
+        self.udps: UdpSet | None = None
+        self.side = self.side_class(self.proto, self.routes, self.counters, cfg.client_to_client,
+                               self._handle_events, self._after_batch)
+        self.pump: Pump | None = None    # made by attach(): the devices are in
+        self._pump_seen = PumpStats(0, 0, 0, 0, 0, 0)   # what the day's figures already hold
         self._stop = trio.Event()
         self._listener = None
-        self.tun_writer = None
-        self._held = None                # HeldSends during a TUN batch, else None
-        self.cut = False                 # cut big reads while a peer reports loss (not in bench/micro)
         self._egress_seen: dict[str, int] = {}
         self.dns = None                  # DnsForwarder on the tunnel addresses (issue 6), opened in open()
         self._routes_pushed = pushed_routes(cfg)   # pools, push_routes, full tunnel defaults (checked at load)
@@ -132,18 +110,16 @@ class Server:
             raise
 
     def _open(self) -> None:
+        socks = []
         for host, port in self.cfg.listen:
-            s = open_listener(host, port)
-            self.socks.append(s)
-            if s.family not in self._udp_by_family:
-                self._udp_by_family[s.family] = Udp(s)
+            socks.append(open_listener(host, port))
+            self.socks = socks        # closed by close() on a failure from here on
         if self.cfg.control_socket:
             self._listener = ctlsock.open_listener(self.cfg.control_socket, "vpnd",
                                                    "stop it first or set a different control_socket")
         self.tun = tunlib.open_tun(self.cfg.interface, vnet_hdr=True)
         name = self.tun.name
-        self.cut = True
-        self.tun_writer = None if os.environ.get("VPN_TUN_INLINE") else TunWriter(self.tun.fd)
+        self.attach(self.tun, socks)
         tunlib.set_mtu(name, self.cfg.mtu)
         tunlib.set_gso_max_size(name, tun_gso_max_size(self.cfg.mtu))
         tunlib.link_up(name)
@@ -155,6 +131,14 @@ class Server:
         self.egress.start()
         self._forget_conntrack()       # what a crashed run's clients, or datagrams before notrack, left
         self._ct_queue = []
+
+    def attach(self, tun, socks: list[socket.socket]) -> None:
+        """The devices to pump between: open() attaches the real ones; bench/micro.py and tests a
+        fake TUN (vpncore/net/fake.py) and loopback sockets."""
+        self.tun, self.socks = tun, list(socks)
+        self.udps = UdpSet([Udp(s) for s in self.socks])
+        self.pump = Pump(tun.fd, self.udps, self.side, self.limits)
+        self.side.pump = self.pump
 
     def _forget_conntrack(self) -> None:
         try:
@@ -177,27 +161,20 @@ class Server:
             self.dns = None
         for s in self.socks:
             s.close()
-        self.socks.clear()
-        if self.tun_writer is not None:
-            self.tun_writer.close()
-            self.tun_writer = None
+        self.socks = []
+        if self.pump is not None:
+            self.pump.close()    # the writer thread, before the TUN fd closes
+            self.pump = None
         if self.tun is not None:
             self.tun.close()   # the kernel removes the device, its addresses and routes
             self.tun = None
 
     # --- the loops --------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        if self.tun is None:   # bench/micro hands in a fake TUN and loopback sockets
-            self.open()
+        """Serve until stop() or a signal, on the devices open() or attach() gave; closes them."""
         try:
             async with trio.open_nursery() as nursery:
-                for s in self.socks:
-                    udp = self._udp_by_family.get(s.family)
-                    if udp is None or udp.sock is not s:
-                        udp = Udp(s)
-                    self._udps.append(udp)
-                    nursery.start_soon(self._udp_loop, udp)
-                nursery.start_soon(self._tun_loop)
+                nursery.start_soon(self.pump.run)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._signal_loop)
                 if self._listener is not None:
@@ -226,165 +203,32 @@ class Server:
                 self._stop.set()
                 return
 
-    async def _udp_loop(self, udp: Udp) -> None:
-        proto = self.proto
-        receive = proto.receive_datagram
-        receive_train = proto.receive_train
-        deliver = self._deliver
-        recv_trains = udp.recv_trains
-        fault = self.fault_rate
-        while True:
-            await trio.lowlevel.wait_readable(udp.sock)
-            now = time.monotonic()
-            for dg, src, seg in recv_trains(BATCH_READS, BATCH_BYTES):
-                try:    # containment: a bug met by one datagram (or train) costs it, never the server
-                    if fault and random.random() < fault:
-                        raise RuntimeError("fault injected by a test")
-                    if seg:        # a GRO train: whole super-packets in one step
-                        if seg == INITIATION_LEN:     # a flood from one source arrives as trains too
-                            self._initiations += sum(dg[i] == MSG_INITIATION for i in range(0, len(dg), seg))
-                        for res in receive_train(dg, seg, src[:2], now):
-                            deliver(res[0], res[1], now)
-                        if proto.has_events:
-                            self._handle_events(now)
-                        continue
-                    if dg and dg[0] == MSG_INITIATION:
-                        self._initiations += 1
-                    res = receive(dg, src[:2], now)
-                    if proto.has_events:
-                        self._handle_events(now)
-                    if res is not None:
-                        deliver(res[0], res[1], now)
-                except Exception:
-                    self.counters["internal-error"] += 1
-            # forget fast: no sender address or packet lingers in this frame between batches
-            dg = src = res = None
-            self._flush()
-
-    def _deliver(self, peer, packet: bytes, now: float) -> None:
-        """Cryptokey routing: the inner source must be the sender's address; then to a peer or the TUN.
-
-        `packet` is virtio_net_hdr + IP packet, as our TUN takes it (bytes, or a memoryview of a
-        super-packet's plaintext without its padding)."""
-        info = peer.app
-        if info is None:
-            self.counters["inner-source"] += 1
-            return
-        acct = info.account
-        if acct is not None:
-            if acct.up is not None and not acct.up.take(len(packet), now):
-                self.counters["bandwidth-cap"] += 1
-                return
-            acct.bytes_in += len(packet)
-        v = packet[VNET_HDR_LEN] >> 4
-        if v == 4:
-            src, dst = bytes(packet[V4_SRC:V4_SRC + 4]), bytes(packet[V4_DST:V4_DST + 4])
-        elif v == 6:
-            src, dst = bytes(packet[V6_SRC:V6_SRC + 16]), bytes(packet[V6_DST:V6_DST + 16])
-        else:
-            self.counters["inner-version"] += 1
-            return
-        if src not in info.allowed:
-            self.counters["inner-source"] += 1
-            return
-        other = self.routes.get(dst)
-        if other is not None:
-            if not self.cfg.client_to_client:
-                self.counters["client-to-client"] += 1
-                return
-            self._send_to(other, bytes(packet), now)
-            return
-        if self.tun_writer is not None:
-            self.tun_writer.write(packet)
-            return
-        try:
-            os.write(self.tun.fd, packet)
-        except OSError:
-            self.counters["tun-write-error"] += 1
-
-    def _send_to(self, peer, packet: bytes, now: float) -> None:
-        acct = peer.app.account
-        if acct is not None:
-            if acct.down is not None and not acct.down.take(len(packet), now):
-                self.counters["bandwidth-cap"] += 1
-                return
-            acct.bytes_out += len(packet)
-        ep = peer.endpoint
-        if ep is None:
-            return
-        udp = self._udp_by_family[socket.AF_INET6 if ":" in ep[0] else socket.AF_INET]
-        pieces = peer.app.gso.pieces(packet) if len(packet) > SPLIT_ABOVE and self.cut else (packet,)
-        held = self._held
-        for piece in pieces:
-            frames = self.proto.encrypt_frames(peer, piece, now, self.chunk)
-            if held is not None:
-                held.send(udp, frames, ep)
-            elif frames:
-                udp.send(frames, ep)
-
-    async def _tun_loop(self) -> None:
-        fd = self.tun.fd
-        read = os.read
-        routes = self.routes
-        send_to = self._send_to
-        fault = self.fault_rate
-        held = HeldSends()
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            now = time.monotonic()
-            got = 0
-            self._held = held
-            for _ in range(BATCH_READS):
-                if got >= BATCH_BYTES:
-                    break
-                try:
-                    packet = read(fd, TUN_READ_SIZE)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.counters["tun-read-error"] += 1
-                    break
-                got += len(packet)
-                if len(packet) <= VNET_HDR_LEN:
-                    continue
-                if packet[VNET_HDR_LEN] >> 4 == 4:
-                    peer = routes.get(packet[V4_DST:V4_DST + 4])
-                else:
-                    peer = routes.get(packet[V6_DST:V6_DST + 16])
-                if peer is None:
-                    self.counters["no-route"] += 1
-                    continue
-                try:
-                    if fault and random.random() < fault:
-                        raise RuntimeError("fault injected by a test")
-                    send_to(peer, packet, now)
-                except Exception:
-                    self.counters["internal-error"] += 1
-            packet = peer = None
-            self._held = None
-            try:
-                held.flush()
-            except Exception:
-                self.counters["internal-error"] += 1
-
     async def _timer_loop(self) -> None:
+        """The protocol's timers when they are due (proto.get_timer), and vpnd's own policy every
+        TICK: the initiation rate behind "under load", the memory limit, the registry, accounting."""
+        policy_at = time.monotonic() + TICK
         while True:
-            await trio.sleep(TICK)
+            due = self.proto.get_timer()
+            wake = policy_at if due is None else min(due, policy_at)
+            await trio.sleep(max(TIMER_COALESCE, wake - time.monotonic()))
             now = time.monotonic()
-            load = self._initiations > UNDER_LOAD_INITIATIONS_PER_TICK
+            if now < policy_at:
+                self.proto.handle_timer(now)
+                self._handle_events(now)
+                self._flush()
+                continue
+            policy_at = now + TICK
+            load = self.side.initiations > UNDER_LOAD_INITIATIONS_PER_TICK
             if load and not self.proto.under_load:
                 self.log.event("under-load")
-            self.proto.under_load = load
-            if self.tun_writer is not None:
-                # under a handshake flood both cores are busy: hand-overs to the writer thread then
-                # cost more than the overlap gains (flood test: kept 0.69-0.76 threaded, 0.72-0.82 inline)
-                self.tun_writer.threaded = not load
-            self.proto.cookie_budget = COOKIE_REPLIES_PER_TICK
-            self._initiations = 0
+            # under a handshake flood both cores are busy: hand-overs to the writer thread then
+            # cost more than the overlap gains (flood test: kept 0.69-0.76 threaded, 0.72-0.82 inline)
+            self.pump.threaded(not load)
+            self.side.initiations = 0
             shed = resident_bytes() > self.cfg.memory_limit_mb << 20
             if shed and not self.proto.shedding:
                 self.counters["memory-limit-reached"] += 1
-            self.proto.shedding = shed
+            self.proto.set_policy(under_load=load, shedding=shed, cookie_budget=COOKIE_REPLIES_PER_TICK)
             if self.policy.changed():
                 self.reload(now)
             self.proto.handle_timer(now)
@@ -393,12 +237,14 @@ class Server:
             self._account()
             if self._scrub_due and now - self._scrub_at >= self.SCRUB_EVERY:
                 self._scrub_due, self._scrub_at = False, now
-                forget_freed()
-                self.scrubs += 1
+                self._scrub()
             if self.policy.nft_script:
                 script, self.policy.nft_script = "".join(self.policy.nft_script), []
                 if not await trio.to_thread.run_sync(self.egress.apply, script):
                     self.counters["nft-error"] += 1
+
+    def _scrub(self) -> None:
+        forget_freed()
 
     def reload(self, now: float) -> None:
         """Apply a changed accounts registry: end sessions it no longer allows, then update keys."""
@@ -420,26 +266,26 @@ class Server:
 
     def _account(self) -> None:
         """Move byte totals and drop counters into today's aggregate figures."""
-        rx, tx = self.proto.rx_bytes, self.proto.tx_bytes
-        self.stats.add_bytes(rx - self._reported[0], tx - self._reported[1])
-        self._reported = (rx, tx)
-        self.stats.add_drops(self.proto.drops)
-        self.proto.drops.clear()
-        tw = self.tun_writer
-        if tw is not None and (tw.errors or tw.dropped):
-            self.counters["tun-write-error"] += tw.errors
-            self.counters["tun-write-dropped"] += tw.dropped
-            tw.errors = tw.dropped = 0
-        errors = sum(u.errors for u in self._udps)
-        if errors > self._send_errors:        # failed sends and receives on the tunnel sockets
-            self.counters["udp-error"] += errors - self._send_errors
-            self._send_errors = errors
+        totals = self.proto.statistics()
+        new, self._proto_seen = totals.since(self._proto_seen), totals
+        self.stats.add_bytes(new.rx_bytes, new.tx_bytes)
+        self.stats.add_drops(new.drops)
+        if self.pump is not None:
+            now, seen = self.pump.statistics(), self._pump_seen
+            for reason, a, b in (("internal-error", now.contained, seen.contained),
+                                 ("tun-read-error", now.tun_read_errors, seen.tun_read_errors),
+                                 ("tun-write-error", now.tun_write_errors, seen.tun_write_errors),
+                                 ("tun-write-dropped", now.tun_write_dropped, seen.tun_write_dropped),
+                                 ("udp-error", now.udp_errors, seen.udp_errors)):  # failed sends and receives
+                if a > b:
+                    self.counters[reason] += a - b
+            self._pump_seen = now
         self.stats.add_drops(self.counters)
         self.counters.clear()
         self.stats.add_account_bytes(self.policy.take_bytes())
 
     def _control_request(self, line: str) -> dict:
-        cmd, _, arg = line.partition(" ")
+        cmd = line.partition(" ")[0]
         if cmd == "reload":
             self.reload(time.monotonic())
             return {"ok": True}
@@ -454,18 +300,18 @@ class Server:
             if self.dns is not None:
                 snap["dns"] = self.dns.statistics()     # counts only: no names, no addresses
             return snap
-        if cmd == "scrubs" and self.test_hooks:      # how many scrubs ran (vpnd/forget.py)
-            return {"scrubs": self.scrubs, "due": self._scrub_due}
-        if cmd == "gc-scan" and self.test_hooks:
-            return gc_scan(arg)
         return {"error": f"unknown command {cmd[:40]!r}; use stats"}
 
     # --- events and policy --------------------------------------------------------
     def _flush(self) -> None:
+        if self.udps is None:
+            return
+        send = self.udps.send_one
         for ep, dg in self.proto.datagrams_to_send():
-            udp = self._udp_by_family.get(socket.AF_INET6 if ":" in ep[0] else socket.AF_INET)
-            if udp is not None:
-                udp.send([dg], ep)
+            send(dg, ep)
+
+    def _after_batch(self, now: float) -> None:
+        self._flush()
 
     def _handle_events(self, now: float) -> None:
         while (ev := self.proto.next_event()) is not None:
@@ -476,8 +322,7 @@ class Server:
             elif isinstance(ev, LossReported):
                 info = ev.peer.app if ev.peer is not None else None
                 if info is not None:
-                    info.gso.report(ev.done, ev.lost, ev.repaired)
-                    ev.peer.add_parity = info.gso.parity
+                    info.link.loss_report(ev.done, ev.lost, ev.repaired)
             elif isinstance(ev, ControlReceived):
                 if ev.msg["type"] == "hello" and ev.peer.app is not None:
                     self.proto.send_control(ev.peer, self._config_for(ev.peer), now)
@@ -488,7 +333,7 @@ class Server:
             self.counters["refused-by-policy"] += 1
             self.proto.end_peer(peer, refusal, now, retry=False)
             return
-        info = PeerInfo(account)
+        info = PeerInfo(account, new_link(self.proto, peer, self.chunk))
         for pool in self.pools:
             addr = pool.allocate()
             if addr is None:
@@ -551,45 +396,10 @@ class Server:
         self.log.event("session-ended", active=len(self.proto.peers))
 
     def _config_for(self, peer) -> dict:
-        msg = {"type": "config", "version": CONTROL_VERSION, "mtu": self.cfg.mtu,
-               "routes": list(self._routes_pushed),
-               "dns": list(self.cfg.dns), "features": [FEATURE_SUPERPACKET, FEATURE_PARITY]}
-        for addr, pool in zip(peer.app.addresses, self.pools):
-            msg["ipv4" if addr.version == 4 else "ipv6"] = pool.interface(addr)
-        return msg
-
-
-def gc_scan(masked_hex: str) -> dict:
-    """Test hook: how many live objects hold any of the given byte strings (or their text).
-
-    The patterns arrive XOR-masked with 0x5A so the request itself never holds them; the
-    unmasked copies are excluded from the scan by identity.
-    """
-    from vpncore.proto.server import Peer
-    from vpncore.proto.session import Keypair
-
-    patterns = [bytes(b ^ 0x5A for b in bytes.fromhex(h)) for h in masked_hex.split(",") if h]
-    texts = [p.decode("latin-1") for p in patterns]
-    mine = {id(x) for x in patterns + texts} | {id(patterns), id(texts)}
-    hits = peers = keypairs = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, Peer):
-            peers += 1
-        elif isinstance(obj, Keypair):
-            keypairs += 1
-        if id(obj) in mine:
-            continue
-        refs = gc.get_referents(obj)
-        # tuples of atoms (an endpoint ("198.18.0.9", 5000)) are not tracked by gc: look inside
-        refs += [x for r in refs if type(r) is tuple for x in r]
-        for ref in refs:
-            if id(ref) in mine:
-                continue
-            if isinstance(ref, (bytes, bytearray)):
-                hits += any(p in ref for p in patterns)
-            elif isinstance(ref, str):
-                hits += any(t in ref for t in texts)
-    return {"hits": hits, "peers": peers, "keypairs": keypairs}
+        addresses = {("ipv4" if a.version == 4 else "ipv6"): pool.interface(a)
+                     for a, pool in zip(peer.app.addresses, self.pools)}
+        return control.config(mtu=self.cfg.mtu, routes=self._routes_pushed, dns=self.cfg.dns,
+                              features=(FEATURE_SUPERPACKET, FEATURE_PARITY), **addresses)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")

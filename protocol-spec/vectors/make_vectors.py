@@ -9,8 +9,10 @@ Every input is fixed: static keys, ephemerals, PSK, session indices, wall time, 
 nonce all come from `fixed(label, n)` (BLAKE2s of a label, so a reader can recompute them) and are
 handed to the real code through a scripted rng that returns them in order and checks the length
 of every request. The outputs are produced by the real code (vpncore.proto.client.ClientConnection,
-vpncore.proto.server.ServerProtocol, handshake, session.Keypair, control.encode, replay.ReplayWindow)
-and, where a second path exists, cross-checked against it before anything is written.
+vpncore.proto.server.ServerProtocol, handshake, session.Keypair, tunnel.Tunnel, control.encode,
+replay.ReplayWindow) and, where a second path exists, cross-checked against it before anything is
+written. Every receive result (delivered packet, control message or drop reason) is what
+tunnel.Tunnel.open_untrusted gives, the receive path of both ends.
 
 `cacophony-IK.json` in this directory is not generated here (it is copied from cacophony).
 """
@@ -32,14 +34,14 @@ from vpncore.proto.client import ClientConnection
 from vpncore.proto.constants import (
     CONSTRUCTION, CONTROL_MAX_LEN, IDENTIFIER, KIND_CONTROL, KIND_DATA, KIND_SUPER, LABEL_COOKIE, LABEL_MAC1,
     REJECT_AFTER_MESSAGES, REPLAY_WINDOW, SUPER_MAX_FRAGMENTS, TRANSPORT_HEADER_LEN,
-    VNET_HDR_LEN,
 )
 from vpncore.proto.errors import BadPacket
 from vpncore.proto.noise import public_key
 from vpncore.proto.replay import ReplayWindow
 from vpncore.proto.server import ServerProtocol
-from vpncore.proto.session import Keypair, ip_packet_length, pad
-from vpncore.proto.superpacket import parse_fragment, receive_fragment, seal_fragments
+from vpncore.proto.session import Keypair, pad
+from vpncore.proto.superpacket import seal_fragments
+from vpncore.proto.tunnel import Tunnel
 
 GENERATOR = "protocol-spec/vectors/make_vectors.py"
 HERE = Path(__file__).resolve().parent
@@ -344,26 +346,42 @@ def _seal(key: bytes, receiver_index: int, kind: int, counter: int, plaintext: b
     return kp.seal(kind, plaintext)
 
 
+def _sending_tunnel(key: bytes, receiver_index: int, counter: int, vnet_hdr: bool = False) -> Tunnel:
+    kp = Keypair(key, bytes(32), 0, receiver_index, 0.0, initiator=True)
+    kp.send_counter = counter
+    tunnel = Tunnel(vnet_hdr=vnet_hdr)
+    tunnel.use(kp)
+    return tunnel
+
+
+def _receiving_tunnel(key: bytes, local_index: int, vnet_hdr: bool = False):
+    """A Tunnel whose one keypair receives with `key` at `local_index`, and the list its control
+    messages go to."""
+    msgs: list = []
+    tunnel = Tunnel(vnet_hdr=vnet_hdr, control=lambda msg, now: msgs.append(msg))
+    tunnel.use(Keypair(bytes(32), key, local_index, 0, 0.0, initiator=False))
+    return tunnel, msgs
+
+
 def _receive(key: bytes, local_index: int, dg: bytes):
-    """The receive steps of SPEC §5.5 for one keypair: (kind, delivered) or the BadPacket reason."""
-    kp = Keypair(bytes(32), key, local_index, 0, 0.0, initiator=False)
+    """The receive steps of SPEC §5.7 for one keypair (Tunnel.open_untrusted): (kind, delivered)
+    or the BadPacket reason."""
+    tunnel, msgs = _receiving_tunnel(key, local_index)
     try:
-        kind, index, counter = wire.unpack_transport_header_untrusted(dg)
-        if index != kp.local_index:
-            raise BadPacket("index")
-        plain = kp.open(dg, counter)
-        if kind == KIND_DATA:
-            if not plain:
-                return kind, None
-            n = ip_packet_length(plain)
-            if n <= 0:
-                raise BadPacket("inner-length")
-            return kind, plain[:n]
-        if kind == KIND_CONTROL:
-            return kind, control.decode_untrusted(plain)
-        raise BadPacket("kind")
+        delivered = tunnel.open_untrusted(dg, 0.0)
     except BadPacket as exc:
         return exc.reason
+    if msgs:
+        return KIND_CONTROL, msgs[0]
+    return KIND_DATA, delivered
+
+
+def _tunnel_seal(key: bytes, receiver: int, kind: int, counter: int, packet, plaintext: bytes) -> bytes:
+    """The same datagram sealed the way both ends seal it (Tunnel), for the cross-check."""
+    tunnel = _sending_tunnel(key, receiver, counter)
+    if kind == KIND_CONTROL:
+        return tunnel.seal_control(control.decode_untrusted(plaintext), 0.0)
+    return tunnel.seal_packet(packet, 0.0) if packet is not None else tunnel.seal_keepalive(0.0)
 
 
 def make_transport(hs: dict) -> dict:
@@ -390,6 +408,7 @@ def make_transport(hs: dict) -> dict:
     for name, direction, kind, counter, packet, plaintext in specs:
         key, receiver = (k_ir, r_idx) if direction == "initiator->responder" else (k_ri, i_idx)
         dg = _seal(key, receiver, kind, counter, plaintext)
+        assert _tunnel_seal(key, receiver, kind, counter, packet, plaintext) == dg, name
         got_kind, delivered = _receive(key, receiver, dg)
         entry = {"name": name, "direction": direction, "key": h(key), "receiver_index": receiver, "kind": kind,
                  "counter": counter, "packet": None if packet is None else h(packet), "plaintext": h(plaintext),
@@ -456,23 +475,15 @@ def vnet_tcp4_superpacket(payload_len: int) -> bytes:
 
 
 def _receive_super(key: bytes, local_index: int, fragments: list[bytes]):
-    """SPEC §5.5 receive steps for one keypair: the delivered vnet_hdr || packet, or the drop reason."""
-    kp = Keypair(bytes(32), key, local_index, 0, 0.0, initiator=False)
+    """SPEC §5.5 receive steps for one keypair (Tunnel.open_untrusted on a vnet_hdr end): the
+    delivered vnet_hdr || packet, None while incomplete, or the drop reason."""
+    tunnel, _ = _receiving_tunnel(key, local_index, vnet_hdr=True)
     try:
         plain = None
         for dg in fragments:
-            kind, _, _ = wire.unpack_transport_header_untrusted(dg)   # §5.7 steps 1-2 apply to fragments too
-            assert kind == KIND_SUPER
-            no, n, index, counter = parse_fragment(dg)
-            if index != kp.local_index:
-                raise BadPacket("index")
-            plain = receive_fragment(kp, dg, no, n, counter)
-        if plain is None:
-            return None
-        size = ip_packet_length(plain, VNET_HDR_LEN)
-        if size <= 0:
-            raise BadPacket("inner-length")
-        return plain[:VNET_HDR_LEN + size]
+            assert dg[1] == KIND_SUPER
+            plain = tunnel.open_untrusted(dg, 0.0)
+        return None if plain is None else bytes(plain)
     except BadPacket as exc:
         return exc.reason
 
@@ -494,6 +505,10 @@ def make_super_cases(key: bytes, receiver: int):
         kp = Keypair(key, bytes(32), 0, receiver, 0.0, initiator=True)
         kp.send_counter = counter
         frags = seal_fragments(kp, pad(data), chunk, parity)
+        tunnel = _sending_tunnel(key, receiver, counter, vnet_hdr=True)   # the second path: both ends' sealer
+        tunnel.peer_takes_super = tunnel.peer_takes_parity = True
+        tunnel.add_parity = parity
+        assert tunnel.seal_read(data, 0.0, chunk) == frags, name
         n = len(frags) - parity
         delivered = _receive_super(key, receiver, [frags[i] for i in order])
         assert delivered == data, name

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nacl.bindings import crypto_scalarmult_base
 
-from tests.e2e import vpn
+from tests.e2e import vpn, vpnd_harness
 from tests.e2e.netns import Topology, wait_until
 from vpncore.net.ctlsock import query
 from vpncore.userror import encode_key
@@ -105,17 +105,19 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def start_vpnd(topo: Topology, workdir: Path, clients: list[vpn.Keys], *, env: dict | None = None,
-               extra: str = "", log_level: str = "info", name: str = "vpnd") -> Vpnd:
-    """vpnd in the server namespace with VPND_TEST_HOOKS=1 (and `env`); returns once it answers."""
+def start_vpnd(topo: Topology, workdir: Path, clients: list[vpn.Keys], *, fault_rate: float = 0.0,
+               env: dict | None = None, extra: str = "", log_level: str = "info", name: str = "vpnd") -> Vpnd:
+    """The real vpnd server in the server namespace, run by tests/e2e/vpnd_harness.py with its test
+    hooks (gc-scan) and `fault_rate` of packets failing inside the pump; returns once it answers."""
     private, public = raw_keypair()
     cfg = vpn.write_server_config(Path(workdir) / f"{name}.toml", keys_from_raw(private, public), clients,
                                   log_level=log_level, extra=extra)
     sock = cfg.with_suffix(".sock")
     log = Path(workdir) / f"{name}.log"
-    envs = [f"{k}={v}" for k, v in {"VPND_TEST_HOOKS": "1", **(env or {})}.items()]
+    env = dict(env or {})
+    envs = [f"{k}={v}" for k, v in env.items()]
     with open(log, "ab") as out:
-        proc = topo.popen(topo.server, "env", *envs, vpn.VPND, "serve", "--config", str(cfg),
+        proc = topo.popen(topo.server, "env", *envs, *vpnd_harness.argv(cfg, fault_rate=fault_rate),
                           stdout=out, stderr=subprocess.STDOUT)
     d = Vpnd(topo, proc, sock, log, private, public)
 

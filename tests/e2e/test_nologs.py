@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from nacl.bindings import crypto_scalarmult_base
 
+from tests.e2e import vpnd_harness
 from tests.e2e.netns import Topology, require_root, wait_until
 from vpncore.userror import encode_key
 
@@ -116,7 +117,7 @@ def write_vpnd_config(cfg: Path, server_key: bytes, sock: Path, clients, extra: 
 
 
 class World:
-    """A server namespace running vpnd (most verbose, test hooks on) and a client namespace
+    """A server namespace running vpnd (most verbose; tests/e2e/vpnd_harness.py with its hooks) and a client namespace
     carrying every canary address on its veth."""
 
     def __init__(self, topo: Topology, tmp: Path, reject_after: float | None = None):
@@ -129,10 +130,9 @@ class World:
             topo.add_address(topo.client, topo.link.client_if, f"{c}/24")
         for c in CANARIES6:
             topo.add_address(topo.client, topo.link.client_if, f"{c}/64")
-        env = ["env", "VPND_TEST_HOOKS=1"] + ([f"VPND_TEST_REJECT_AFTER={reject_after}"] if reject_after else [])
         self.out = open(tmp / "vpnd.stdout", "wb")
         self.err = open(tmp / "vpnd.stderr", "wb")
-        self.proc = topo.popen(topo.server, *env, VPND, "serve", "--config", str(cfg),
+        self.proc = topo.popen(topo.server, *vpnd_harness.argv(cfg, reject_after=reject_after),
                                stdout=self.out, stderr=self.err, cwd=str(tmp))
         assert wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 10), "vpnd did not start"
         assert self.proc.poll() is None, (tmp / "vpnd.stderr").read_text()
@@ -310,8 +310,8 @@ class DnsWorld:
         cfg = write_vpnd_config(tmp / "vpnd.toml", self.server_key, self.sock, self.clients,
                                 'dns_upstream = ["127.0.0.1:53"]\n')
         self.out = open(tmp / "vpnd.stdout", "wb")
-        self.proc = topo.popen(topo.server, "env", "VPND_TEST_HOOKS=1", "VPND_TEST_REJECT_AFTER=3", VPND, "serve",
-                               "--config", str(cfg), stdout=self.out, stderr=subprocess.STDOUT, cwd=str(tmp))
+        self.proc = topo.popen(topo.server, *vpnd_harness.argv(cfg, reject_after=3),
+                               stdout=self.out, stderr=subprocess.STDOUT, cwd=str(tmp))
         assert wait_until(lambda: self.sock.exists() or self.proc.poll() is not None, 10), "vpnd did not start"
         assert self.proc.poll() is None, (tmp / "vpnd.stdout").read_text()
 

@@ -159,25 +159,25 @@ MUTANTS = [
            [HS + "test_initiation_from_an_unauthorized_key_gets_no_response",
             HS + "test_deauthorized_key_is_refused_and_its_session_ended"]),
     # -- cryptokey routing: the inner source must be the sender's tunnel address -------------------------
-    Mutant("inner-source-inverted", "cryptokey routing", "vpnd/server.py",
+    Mutant("inner-source-inverted", "cryptokey routing", "vpnd/datapath.py",
            [("        if src not in info.allowed:", "        if src in info.allowed:")],
            ["tests/test_*.py"], [PING, SPOOF]),
-    Mutant("inner-source-deleted", "cryptokey routing", "vpnd/server.py",
+    Mutant("inner-source-deleted", "cryptokey routing", "vpnd/datapath.py",
            [("        if src not in info.allowed:", "        if False:")],
            ["tests/test_*.py"], [SPOOF]),
     # -- the endpoint moves only on authenticated packets ---------------------------------------------------
-    Mutant("endpoint-before-tag", "endpoint update", "vpncore/proto/server.py",
-           [("        plain = kp.open(dg, counter)\n        peer = self._authenticated(kp, src, now)",
-             "        if kp.peer is not None:\n            kp.peer.endpoint = src\n"
-             "        plain = kp.open(dg, counter)\n        peer = self._authenticated(kp, src, now)")],
+    Mutant("endpoint-before-tag", "endpoint update", "vpncore/proto/tunnel.py",
+           [("        plain = kp.open(dg, counter)\n        self._authenticated(kp, now, src, len(dg))",
+             "        if src is not None:\n            self.endpoint = src\n"
+             "        plain = kp.open(dg, counter)\n        self._authenticated(kp, now, src, len(dg))")],
            [HS + "test_roaming_follows_authenticated_packets_only"], [ROAM]),
-    Mutant("super-endpoint-before-tag", "endpoint update", "vpncore/proto/server.py",
-           [("        lost = kp.super_lost\n        plain = receive_fragment(kp, dg, no, n, counter)\n",
-             "        if kp.peer is not None:\n            kp.peer.endpoint = src\n"
-             "        lost = kp.super_lost\n        plain = receive_fragment(kp, dg, no, n, counter)\n")],
+    Mutant("super-endpoint-before-tag", "endpoint update", "vpncore/proto/tunnel.py",
+           [("                r = reassembly_of(kp)\n",
+             "                if src is not None:\n                    self.endpoint = src\n"
+             "                r = reassembly_of(kp)\n")],
            [HS + "test_roaming_follows_authenticated_packets_only", "tests/test_parsers_fuzz.py"], [ROAM]),
-    Mutant("endpoint-never-updated", "endpoint update (roaming)", "vpncore/proto/server.py",
-           [("        if peer.endpoint != src:\n            peer.endpoint = src", "        pass")],
+    Mutant("endpoint-never-updated", "endpoint update (roaming)", "vpncore/proto/tunnel.py",
+           [("        if src is not None and self.endpoint != src:\n            self.endpoint = src", "        pass")],
            [HS + "test_roaming_follows_authenticated_packets_only"], [ROAM, KEEPALIVE]),
 ]
 

@@ -1,7 +1,12 @@
-"""Long versions of the attack and fault tests, and bounded memory (issue 7, part A; `make soak`).
+"""Long versions of the attack and fault tests, bounded memory, and the figures (issue 7, part A;
+issue 13, part 5; `make soak`).
 
 Same scenarios as tests/e2e/test_attacks.py with more packets and longer floods, plus the bounded
-memory test: twice the sustainable load for 60 s against a vpnd whose memory_limit_mb is 96.
+memory test: twice the sustainable load for 60 s against a vpnd whose memory_limit_mb is 96. The
+rate and throughput thresholds a busy machine can miss without a defect live here, not in
+`make test` (which asserts the mechanisms): the flood generator's 20,000/s, 70 % of the baseline
+kept under the flood, a new client in 5 s, 90 % of the junk flood arriving, the ±20 % bandwidth cap,
+the lost hello's config in 3 s. Every test prints its figures (FIGURES lines, pytest -s).
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ import time
 import pytest
 
 from tests.e2e import attack_harness as H
+from tests.e2e import test_accounts_e2e as A
 from tests.e2e import vpn
 from tests.e2e.netns import Topology, require_root
 from tests.e2e.test_attacks import (
-    Defect, Site, World, check_containment, check_fuzz, check_junk, containment, expect, handshake_flood, junk_flood,
-    live_fuzz, live_replay, report,
+    Site, World, check_containment, check_fuzz, check_junk, containment, handshake_flood, junk_flood, live_fuzz,
+    live_replay, lost_hello, report,
 )
 
 pytestmark = pytest.mark.netns
+
+net1, workdir = A.net1, A.workdir          # the bandwidth cap's fixtures
 
 MEMORY_LIMIT_MB = 96
 
@@ -46,7 +54,16 @@ def test_soak_junk_flood_30s(world):
     r = junk_flood(world, seconds=30, rate=40_000)
     report("soak-junk-flood", **r)
     check_junk(r, world)
+    assert r["arrived"] >= 0.9 * r["sent"], r
     assert r["rss_growth_kib"] < 2 * 1024, r
+
+
+def test_soak_junk_flood_3s_90_percent_arrive(world):
+    """The make-test junk flood (3 s at 40,000/s), with its figure: 90 % arrive."""
+    r = junk_flood(world, seconds=3, rate=40_000)
+    report("soak-junk-flood-3s", **r)
+    check_junk(r, world)
+    assert r["arrived"] >= 0.9 * r["sent"], r
 
 
 @pytest.fixture
@@ -63,6 +80,9 @@ def test_soak_fuzz_1m_datagrams(site1):
     r = live_fuzz(site1, count=1_000_000, rate=20_000)
     report("soak-live-fuzz", **r)
     check_fuzz(r)
+    # most reached vpnd's socket and were dropped for a reason (make test: a fifth)
+    assert r["received_by_socket"] >= 0.5 * r["sent"], r
+    assert sum(r["drops_by_reason"].values()) >= 0.5 * r["sent"], r
 
 
 @pytest.fixture
@@ -70,7 +90,7 @@ def fault_site(tmp_path):
     require_root()
     topo = Topology(clients=3)
     try:
-        yield Site(topo, tmp_path, real=2, env={"VPND_TEST_FAULT_RATE": "0.001"})
+        yield Site(topo, tmp_path, real=2, fault_rate=0.001)
     finally:
         topo.close()
 
@@ -99,21 +119,37 @@ def soak_flood(tmp_path_factory):
 
 def test_soak_handshake_flood_engages_cookies(soak_flood):
     for r in soak_flood.values():
-        assert r["flood_rate"] >= 20_000 and r["cookie_sent"] > 0, r
+        assert r["flood_rate"] >= 20_000 and r["cookie_sent"] > 0, r      # the generator kept its rate
         assert r["unknown_key"] < 0.1 * r["flood_sent"], r
         assert r["active_under_flood"] == 1 and r["alive"], r
         assert r["new_client_connected_eventually_s"] is not None and r["active_at_end"] == 2, r
 
 
-@pytest.mark.xfail(strict=True, raises=Defect, reason="see tests/e2e/test_attacks.py::test_handshake_flood_existing_client_keeps_70_percent")
 def test_soak_handshake_flood_keeps_70_percent(soak_flood):
-    expect(soak_flood["uncapped"]["kept"] >= 0.70, soak_flood)
+    """make test (tests/e2e/test_attacks.py) asserts the client still transfers; here, how much."""
+    assert soak_flood["uncapped"]["kept"] >= 0.70, soak_flood
 
 
-@pytest.mark.xfail(strict=True, raises=Defect, reason="see tests/e2e/test_attacks.py::test_handshake_flood_new_client_connects_within_5s")
 def test_soak_handshake_flood_new_client_within_5s(soak_flood):
-    expect(all(r["new_client_connected_s"] is not None and r["new_client_connected_s"] <= 5 for r in soak_flood.values()),
-           soak_flood)
+    assert all(r["new_client_connected_s"] is not None and r["new_client_connected_s"] <= 5
+               for r in soak_flood.values()), soak_flood
+
+
+def test_soak_lost_hello_config_within_3s(tmp_path):
+    """Hello re-sent every 1 s: the config within 3 s of the drop rule's removal (make test: 10 s)."""
+    r = lost_hello(tmp_path)
+    assert r["config_within_10s_after"] is not None and r["config_within_10s_after"] <= 3.0, r
+
+
+# --- bandwidth cap -----------------------------------------------------------------------------
+
+def test_soak_bandwidth_cap_within_20_percent(net1, workdir):
+    """make test (tests/e2e/test_accounts_e2e.py) asserts the cap is enforced; here, how closely."""
+    r = A.bandwidth_cap(net1, workdir)
+    report("soak-bandwidth-cap", **r)
+    cap, tol = A.CAP, A.CAP_TOLERANCE
+    assert abs(r["median_up"] - cap) <= tol * cap, r
+    assert abs(r["median_down"] - cap) <= tol * cap, r
 
 
 # --- bounded memory -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ packets); cutting reads gives ~1,250, the same as a connection that ran small fr
 
 from __future__ import annotations
 
-from vpncore.net.pump import GSO_MAX_BYTES
+from vpncore.net.udp import GSO_MAX_BYTES
 from vpncore.proto.constants import SUPER_MAX_FRAGMENTS, VNET_HDR_LEN
 from vpncore.proto.gso import split
 

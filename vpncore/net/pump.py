@@ -1,293 +1,263 @@
-"""The packet pump's I/O primitives: UDP GSO trains out, UDP GRO batches in (DESIGN §3, SPEC §5.5).
+"""The packet pump (DESIGN §1, §3): the only hot loops in the repository, shared by vpnd and vpnclient.
 
-The hot loops in vpnd and vpnclient are built from these: await once per batch
-(`trio.lowlevel.wait_readable`), then read until BlockingIOError or a cap; one
-TUN read (a super-packet of up to 64 KiB with its virtio_net_hdr) becomes one
-AEAD message whose fragments leave in one `sendmsg` with a UDP_SEGMENT cmsg.
+A shell hands the pump its policy as a Side (below); the pump owns the batching, the held sends, the
+TUN writer thread, the cutting of super-packets, the parity decision and the containment. In the
+order a packet meets them:
+
+TUN -> UDP (tun_to_udp, one task)
+  1. wait_readable(tun): one await per batch; then os.read until BlockingIOError, a read error
+     (counted: read_errors) or PumpLimits.reads / PumpLimits.bytes.
+  2. side.route(read, now) -> (Link, endpoint) | None: where the read goes. vpnd: cryptokey routing
+     by inner destination and the plan's down cap; vpnclient: its one server (endpoint None: the
+     connected socket). None: dropped, the side counted why.
+  3. _send: a read bigger than SPLIT_ABOVE is cut into smaller TCP super-packets while the link's
+     governor is small (GsoGovernor.pieces); link.seal(piece, now, link.chunk) seals each as one AEAD
+     message, or as fragments with a parity fragment while the governor asks for parity.
+  4. HeldSends: single datagrams wait per endpoint and leave as GSO trains (PumpLimits.hold);
+     a super-packet's fragments leave at once as one train, after the singles held before them.
+  5. End of batch: held.flush().
+
+UDP -> TUN (udp_to_tun, one task per socket)
+  1. wait_readable(sock); then Udp.recv_trains(PumpLimits.reads, PumpLimits.bytes): a GRO train
+     whole with its segment size, or a single datagram.
+  2. side.open(dg, src, now) / side.open_train(buf, seg, src, now): the core authenticates and opens
+     (an item for deliver, or None; a list of items for a train).
+  3. side.events(now): the core's events (session started, loss reported, config), BEFORE delivery,
+     on both paths: the datagram that confirms a session may carry its first packet.
+  4. side.deliver(item, now) -> packet | None: the side's policy (vpnd: up cap, inner source,
+     client-to-client through Pump.forward); the packet to write to the TUN, or None.
+  5. TunWriter.write: small packets inline while the writer is idle, super-packets by its thread,
+     always in order.
+  6. End of batch: side.after_batch(now): the core's queued handshake and control datagrams out.
+
+A bug met by one read or one datagram costs that read or datagram, never the pump: it is counted
+(PumpStats.contained) the same way on both ends. A peer's loss reports go to Link.loss_report, the
+one place that decides super-packet size and parity.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import queue
-import socket
-import struct
-import threading
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, Callable, Iterable, Optional, Protocol
 
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
-GSO_MAX_BYTES = 65507
-GSO_MAX_SEGMENTS = 64
-RECV_BUFFER = 65535
-_CMSG_SPACE = socket.CMSG_SPACE(4)
+import trio
 
-# What one wakeup of a loop (TUN -> UDP or UDP -> TUN) handles before it yields to the other
-# direction: at most BATCH_READS reads and about BATCH_BYTES bytes. A packet waiting to go the other
-# way (a ping reply, a TCP ACK) waits for the rest of the batch. Measured (bench/e2e.py --reps 2
-# --seconds 5, ping p99 during a TCP upload): 256 reads of up to 64 KiB, 10.6-10.8 ms (wireguard-go
-# 8.6-9.0); 16 reads, 8.1-8.6 ms; 8 reads, 7.2-7.9 ms, with TCP up 2,877-2,966 vs 2,994-3,037 Mbit/s.
-# Bytes, not reads, so that small datagrams (a handshake flood) still come 256 to a wakeup.
-# Overridable for experiments (VPN_BATCH_READS, VPN_BATCH_BYTES).
-BATCH_READS = int(os.environ.get("VPN_BATCH_READS", 256))
-BATCH_BYTES = int(os.environ.get("VPN_BATCH_BYTES", 8 << 16))
-# Single datagrams held for a train (Udp.send_runs) leave once this many wait: a ping reply read among
-# ACKs must not wait for the whole batch (which, with the TUN writer thread making ACKs meanwhile,
-# can be 256 reads, ~2 ms). A train holds at most ~45 datagrams of a tunnel MTU anyway. Overridable
-# (VPN_HOLD_DATAGRAMS; 1 sends each at once) for experiments.
-HOLD_DATAGRAMS = int(os.environ.get("VPN_HOLD_DATAGRAMS", 32))
-_SEG = struct.Struct("=H")
-_GRO = struct.Struct("=i")
+from vpncore.proto.constants import VNET_HDR_LEN
+
+from .gsosize import SPLIT_ABOVE, GsoGovernor
+from .tunwriter import TunWriter
+from .udp import HeldSends, Udp, UdpSet
+
+__all__ = ["Link", "Pump", "PumpLimits", "PumpStats", "Side", "TUN_READ_SIZE", "Udp", "UdpSet"]
+
+TUN_READ_SIZE = 65536 + VNET_HDR_LEN     # a super-packet and its virtio_net_hdr; shorter buffers truncate
 
 
-class Udp:
-    """A non-blocking UDP socket with GSO/GRO where the kernel has them; counters, never exceptions."""
+@dataclass(frozen=True)
+class PumpLimits:
+    """Implementation constants of the pump, passed in (never read from the environment).
 
-    __slots__ = ("sock", "gso", "gro", "errors", "last_errno")
+    reads/bytes: what one wakeup of a loop handles before it yields to the other direction. A packet
+    waiting to go the other way (a ping reply, a TCP ACK) waits for the rest of the batch. Measured
+    (bench/e2e.py --reps 2 --seconds 5, ping p99 during a TCP upload): 256 reads of up to 64 KiB,
+    10.6-10.8 ms (wireguard-go 8.6-9.0); 16 reads, 8.1-8.6 ms; 8 reads, 7.2-7.9 ms, with TCP up
+    2,877-2,966 vs 2,994-3,037 Mbit/s. Bytes, not reads, so that small datagrams (a handshake flood)
+    still come 256 to a wakeup.
+    hold: single datagrams held for a train before they leave (HeldSends).
+    tun_thread: super-packets written to the TUN from the writer thread (TunWriter); tun_queue: at
+    most that many wait for it."""
 
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.errors = 0
-        self.last_errno = 0     # of the latest failed send (the client re-opens on ENETUNREACH etc.)
-        try:
-            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-            self.gro = True
-        except OSError:
-            self.gro = False
-        self.gso = True    # tried on first use; an EIO/EINVAL turns it off
-
-    def recv_batch(self, cap: int) -> list:
-        """Up to `cap` reads: a list of (datagram, address); GRO trains are split back into datagrams."""
-        out = []
-        for data, addr, seg in self.recv_trains(cap):
-            if seg:
-                out.extend((data[i:i + seg], addr) for i in range(0, len(data), seg))
-            else:
-                out.append((data, addr))
-        return out
-
-    def recv_trains(self, cap: int, max_bytes: int = 1 << 62) -> list:
-        """Up to `cap` reads, stopping once `max_bytes` arrived: a list of (data, address, seg). A GRO
-        train comes whole with its segment size `seg` (datagrams of seg bytes, the last maybe
-        shorter); a single datagram has seg 0."""
-        out = []
-        recvmsg = self.sock.recvmsg
-        got = 0
-        for _ in range(cap):
-            if got >= max_bytes:
-                break
-            try:
-                data, anc, _flags, addr = recvmsg(RECV_BUFFER, _CMSG_SPACE)
-            except BlockingIOError:
-                break
-            except OSError:   # e.g. ECONNREFUSED from an earlier ICMP error: count, go on
-                self.errors += 1
-                continue
-            seg = 0
-            if anc:
-                for level, kind, value in anc:
-                    if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
-                        seg = _GRO.unpack_from(value)[0]
-                if seg >= len(data):
-                    seg = 0
-            out.append((data, addr, seg))
-            got += len(data)
-        return out
-
-    def send(self, frames: list, addr=None) -> None:
-        """Send datagrams; equal-size runs (super-packet fragments) go as GSO trains."""
-        n = len(frames)
-        if n == 1 or not self.gso:
-            for f in frames:
-                self._send_one(f, addr)
-            return
-        size = len(frames[0])
-        if len(frames[-1]) > size and n > 3 and len(frames[-3]) == size:
-            # a super-packet's parity fragment (2 bytes longer than a chunk) follows its train alone
-            self.send(frames[:-1], addr)
-            self._send_one(frames[-1], addr)
-            return
-        if len(frames[-2]) != size or len(frames[-1]) > size:   # not a fragment train (segmented packets)
-            for f in frames:
-                self._send_one(f, addr)
-            return
-        per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
-        cmsg = [(SOL_UDP, UDP_SEGMENT, _SEG.pack(size))]
-        for i in range(0, n, per):
-            group = frames[i:i + per]
-            if len(group) == 1:
-                self._send_one(group[0], addr)
-                continue
-            try:
-                if addr is None:
-                    self.sock.sendmsg([b"".join(group)], cmsg)
-                else:
-                    self.sock.sendmsg([b"".join(group)], cmsg, 0, addr)
-            except BlockingIOError:
-                self.errors += 1
-            except OSError as exc:
-                if exc.errno == errno.EMSGSIZE:
-                    # segments larger than the route's MTU: one datagram each, which the kernel
-                    # fragments (the tunnel sockets do not set DF)
-                    for f in group:
-                        self._send_one(f, addr)
-                elif exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
-                    self.gso = False          # no UDP GSO here: per-datagram from now on
-                    for f in group:
-                        self._send_one(f, addr)
-                else:
-                    self.errors += 1
-                    self.last_errno = exc.errno
-
-    def send_runs(self, datagrams: list, addr=None) -> None:
-        """Single datagrams gathered over one batch of TUN reads (small packets: ACKs, a UDP flow),
-        in order: each run of equal sizes, the last of a run maybe shorter, goes as one GSO train
-        (one sendmsg instead of one per datagram; the receiver takes the train with one recvmsg)."""
-        i, n = 0, len(datagrams)
-        while i < n:
-            size = len(datagrams[i])
-            limit = min(n, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
-            j = i + 1
-            while j < limit and len(datagrams[j]) == size:
-                j += 1
-            if j < limit and len(datagrams[j]) < size:      # a shorter one may end a train
-                j += 1
-            if j - i == 1:
-                self._send_one(datagrams[i], addr)
-            else:
-                self.send(datagrams[i:j], addr)
-            i = j
-
-    def _send_one(self, frame: bytes, addr) -> None:
-        try:
-            if addr is None:
-                self.sock.send(frame)
-            else:
-                self.sock.sendto(frame, addr)
-        except OSError as exc:
-            self.errors += 1
-            self.last_errno = exc.errno or 0
+    reads: int = 256
+    bytes: int = 8 << 16
+    hold: int = 32
+    tun_thread: bool = True
+    tun_queue: int = 8
 
 
-class HeldSends:
-    """The sends of one batch of TUN reads: single datagrams (ACKs, a UDP flow) are held per endpoint
-    and leave as trains (Udp.send_runs) once HOLD_DATAGRAMS wait, before a super-packet's fragments
-    to the same endpoint (order kept), or at flush() at the end of the batch."""
+@dataclass(frozen=True)
+class PumpStats:
+    """Cumulative counts since the pump was made."""
 
-    __slots__ = ("_by_addr",)
-
-    def __init__(self):
-        self._by_addr: dict = {}     # endpoint -> (Udp, [datagram]); empty between batches
-
-    def send(self, udp: Udp, frames: list, addr=None) -> None:
-        if len(frames) == 1:
-            entry = self._by_addr.get(addr)
-            if entry is None:
-                entry = self._by_addr[addr] = (udp, [])
-            entry[1].append(frames[0])
-            if len(entry[1]) >= HOLD_DATAGRAMS:
-                udp.send_runs(self._by_addr.pop(addr)[1], addr)
-        elif frames:
-            entry = self._by_addr.pop(addr, None)
-            if entry is not None:
-                udp.send_runs(entry[1], addr)
-            udp.send(frames, addr)
-
-    def flush(self) -> None:
-        by_addr = self._by_addr
-        try:
-            for addr, (udp, datagrams) in by_addr.items():
-                udp.send_runs(datagrams, addr)
-        finally:
-            by_addr.clear()      # forget fast: no endpoint lingers between batches
+    tun_reads: int
+    tun_read_errors: int
+    contained: int            # reads and datagrams that met a bug (an exception), dropped
+    tun_write_errors: int
+    tun_write_dropped: int    # refused with the writer thread stalled
+    udp_errors: int           # failed sends and receives on the tunnel sockets
 
 
-class TunWriter:
-    """Writes packets to a TUN fd, the big ones from a thread of its own; always in order.
+class Link:
+    """One peer as the pump sends to it: its sealer, fragment size and governor (size, parity).
 
-    A TUN write of a 64 KiB super-packet runs the receiving TCP stack in the writer's context (~40 us
-    a write). os.write releases the GIL, so with a second thread that kernel work overlaps the pump's
-    next receive and decryption (which releases it too) on the other core. Measured in bench/e2e.py's
-    topology, 4 x 8 s single TCP stream each, alternating: upload 3,069-3,341 Mbit/s with inline
-    writes, 3,301-3,516 with the thread; download 3,340-3,533 and 3,252-3,604 (no gain that way).
-    VPN_TUN_INLINE=1 in the environment turns the thread off, for such comparisons. Small packets
-    (ACKs, a ping) are written inline while the thread is idle: a hand-over costs a thread wake-up,
-    more than their write; while it is busy they queue behind it, so the order on the TUN is the
-    order of write() calls.
+    `seal(piece, now, chunk)` returns the datagrams of one TUN read (the core's encrypt_frames);
+    `set_parity(on)` tells the core to add parity fragments. The governor decides both from the
+    peer's loss reports (gsosize), here and nowhere else."""
 
-    At most `cap` packets wait: a packet queued behind them waits ~40 us for each (a ping behind 64
-    super-packets took p99 under a TCP upload from ~7 to 11.5 ms). With `cap` waiting, write() blocks
-    until the thread has room, as an inline write would take that long; it drops and counts a packet
-    only if the thread made no progress for STALL seconds (a TUN write never blocks that long)."""
+    __slots__ = ("seal", "chunk", "gso", "_set_parity", "__weakref__")
 
-    THREAD_ABOVE = 8192     # bytes: bigger packets go to the thread
-    STALL = 0.5             # seconds without progress before write() gives up on a packet
+    def __init__(self, seal: Callable, set_parity: Callable[[bool], Any], chunk: int):
+        self.seal = seal
+        self.chunk = chunk          # fragment payload; the reference's is MTU + 16 (SPEC §5.5)
+        self.gso = GsoGovernor()
+        self._set_parity = set_parity
+        set_parity(self.gso.parity)
 
-    def __init__(self, fd: int, cap: int = 8):
-        self.fd = fd
-        self.cap = cap
-        self.errors = 0          # failed writes (the thread's and the inline ones)
-        self.dropped = 0         # packets refused with `cap` waiting
-        self.threaded = True     # False: every packet inline while the thread is idle (the owner's choice)
-        self._queued = 0         # handed to the thread (main thread only)
-        self._done = 0           # written by the thread (the thread only)
-        self._room = threading.Lock()     # released by the thread when write() waits for room
-        self._room.acquire()
-        self._waiting_room = False
-        self._q = queue.SimpleQueue()
-        self._put = self._q.put
-        self._thread = threading.Thread(target=self._run, name="tun-writer", daemon=True)
-        self._thread.start()
+    def loss_report(self, done: int, lost: int, repaired: int = 0) -> None:
+        self.gso.report(done, lost, repaired)
+        self._set_parity(self.gso.parity)
 
-    def write(self, packet) -> None:
-        waiting = self._queued - self._done
-        if not waiting and (len(packet) <= self.THREAD_ABOVE or not self.threaded):
-            try:
-                os.write(self.fd, packet)
-            except OSError:
-                self.errors += 1
-            return
-        if waiting >= self.cap and not self._wait_for_room():
-            self.dropped += 1
-            return
-        self._queued += 1
-        self._put(packet)
+    def rebind(self, seal: Callable, set_parity: Callable[[bool], Any]) -> None:
+        """The same peer over a new connection (the client's failover): the governor carries over."""
+        self.seal, self._set_parity = seal, set_parity
+        set_parity(self.gso.parity)
 
-    def _wait_for_room(self) -> bool:
-        """Block (GIL released) until fewer than `cap` wait; False if the thread stalled."""
-        done = self._done
-        while self._queued - self._done >= self.cap:
-            self._waiting_room = True
-            if self._queued - self._done < self.cap:   # it finished one meanwhile
-                break
-            if not self._room.acquire(timeout=self.STALL) and self._done == done:
-                self._waiting_room = False
-                return False
-            done = self._done
-        self._waiting_room = False
-        return True
 
-    def _run(self) -> None:
-        get, write, fd = self._q.get, os.write, self.fd
-        done = 0
+class Side(Protocol):
+    """What a shell hands the pump (vpnd.datapath.ServerSide, vpnclient.client.ClientSide)."""
+
+    def route(self, read: bytes, now: float) -> Optional[tuple[Link, Any]]: ...
+    def open(self, dg: bytes, src: tuple, now: float) -> Any: ...
+    def open_train(self, buf: bytes, seg: int, src: tuple, now: float) -> Iterable[Any]: ...
+    def events(self, now: float) -> None: ...
+    def deliver(self, item: Any, now: float) -> Any: ...
+    def after_batch(self, now: float) -> None: ...
+
+
+class Pump:
+    """Moves packets between one TUN fd and a set of UDP sockets for one Side."""
+
+    def __init__(self, tun_fd: int, udps: UdpSet, side: Side, limits: PumpLimits = PumpLimits()):
+        self.fd = tun_fd
+        self.side = side
+        self.limits = limits
+        self.writer = TunWriter(tun_fd, limits.tun_queue)
+        self.writer.threaded = limits.tun_thread
+        self.tun_reads = self.tun_read_errors = self.contained = 0
+        self._udp_errors_before = 0      # of the sockets replaced by set_udps
+        self.udps = udps
+        self._connected, self._v4, self._v6 = udps.all[0], udps.v4, udps.v6
+
+    def set_udps(self, udps: UdpSet) -> None:
+        """New sockets (the client re-opens or switches servers); call while the loops are stopped."""
+        self._udp_errors_before += sum(u.errors for u in self.udps.all)
+        self.udps = udps
+        self._connected, self._v4, self._v6 = udps.all[0], udps.v4, udps.v6
+
+    def threaded(self, on: bool) -> None:
+        """Hand super-packets to the writer thread (on), or write everything inline (off; vpnd under
+        a handshake flood, when both cores are busy and hand-overs cost more than they gain)."""
+        self.writer.threaded = on and self.limits.tun_thread
+
+    async def run(self) -> None:
+        """Both directions until cancelled: one task for the TUN, one per socket."""
+        async with trio.open_nursery() as nursery:
+            for udp in self.udps.all:
+                nursery.start_soon(self.udp_to_tun, udp)
+            nursery.start_soon(self.tun_to_udp)
+
+    # --- TUN -> UDP ------------------------------------------------------------------------------
+    async def tun_to_udp(self) -> None:
+        fd, read, size = self.fd, os.read, TUN_READ_SIZE
+        reads, cap = self.limits.reads, self.limits.bytes
+        route, send = self.side.route, self._send
+        held = HeldSends(self.limits.hold)
+        hold = held.send
+        wait = trio.lowlevel.wait_readable
         while True:
-            packet = get()
-            if packet is None:
-                return
-            try:
-                write(fd, packet)
-            except OSError:
-                self.errors += 1
-            done += 1
-            self._done = done
-            if self._waiting_room:
+            await wait(fd)
+            now = monotonic()
+            got = count = 0
+            for _ in range(reads):
+                if got >= cap:
+                    break
                 try:
-                    self._room.release()
-                except RuntimeError:     # already released
-                    pass
+                    packet = read(fd, size)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.tun_read_errors += 1
+                    break
+                got += len(packet)
+                count += 1
+                try:     # containment: a bug met by one read costs that read
+                    dest = route(packet, now)
+                    if dest is not None:
+                        send(dest[0], dest[1], packet, now, hold)
+                except Exception:
+                    self.contained += 1
+            self.tun_reads += count
+            packet = dest = None     # forget fast: no packet lingers in this frame between batches
+            try:
+                held.flush()
+            except Exception:
+                self.contained += 1
+
+    def forward(self, link: Link, ep, packet: bytes, now: float) -> None:
+        """A packet that came in for another peer (vpnd's client-to-client): out at once."""
+        self._send(link, ep, packet, now, _send_now)
+
+    def _send(self, link: Link, ep, packet: bytes, now: float, send: Callable) -> None:
+        if ep is None:
+            udp = self._connected
+        else:
+            udp = self._v6 if ":" in ep[0] else self._v4
+            if udp is None:
+                return
+        pieces = link.gso.pieces(packet) if len(packet) > SPLIT_ABOVE else (packet,)
+        seal, chunk = link.seal, link.chunk
+        for piece in pieces:
+            frames = seal(piece, now, chunk)
+            if frames:
+                send(udp, frames, ep)
+
+    # --- UDP -> TUN ------------------------------------------------------------------------------
+    async def udp_to_tun(self, udp: Udp) -> None:
+        side = self.side
+        open_one, open_train, events, deliver = side.open, side.open_train, side.events, side.deliver
+        write = self.writer.write
+        recv_trains = udp.recv_trains
+        reads, cap = self.limits.reads, self.limits.bytes
+        wait = trio.lowlevel.wait_readable
+        while True:
+            await wait(udp.sock)
+            now = monotonic()
+            for dg, src, seg in recv_trains(reads, cap):
+                try:     # containment: a bug met by one datagram (or train) costs it, never the pump
+                    if seg:        # a GRO train: whole super-packets in one step
+                        items = open_train(dg, seg, src, now)
+                        events(now)
+                        for item in items:
+                            packet = deliver(item, now)
+                            if packet is not None:
+                                write(packet)
+                    else:
+                        item = open_one(dg, src, now)
+                        events(now)
+                        if item is not None:
+                            packet = deliver(item, now)
+                            if packet is not None:
+                                write(packet)
+                except Exception:
+                    self.contained += 1
+            # forget fast: no sender address or packet lingers in this frame between batches
+            dg = src = item = items = packet = None
+            try:
+                side.after_batch(now)
+            except Exception:
+                self.contained += 1
+
+    # --- the rest --------------------------------------------------------------------------------
+    def statistics(self) -> PumpStats:
+        w = self.writer
+        return PumpStats(self.tun_reads, self.tun_read_errors, self.contained, w.errors, w.dropped,
+                         self._udp_errors_before + sum(u.errors for u in self.udps.all))
 
     def close(self) -> None:
-        """Stop the thread after the packets already handed over (call before closing the fd)."""
-        self._put(None)
-        self._thread.join(timeout=2)
+        """Stop the writer thread after the packets handed to it (before the TUN fd closes)."""
+        self.writer.close()
+
+
+def _send_now(udp: Udp, frames: list, ep) -> None:
+    udp.send(frames, ep)

@@ -1,9 +1,12 @@
-"""UDP sockets for the tunnel: open, tune, and explain failures (DESIGN §3a)."""
+"""UDP for the tunnel (DESIGN §3a, SPEC §5.5): sockets opened, tuned and their failures explained;
+GSO trains out and GRO batches in (Udp); the sends of one batch held for trains (HeldSends); the
+sockets of one end by address family (UdpSet). The pump (pump.py) drives these."""
 
 from __future__ import annotations
 
 import errno
 import socket
+import struct
 
 from ..userror import UserError
 
@@ -107,3 +110,205 @@ def open_connected(host: str, port: int, mark: int = 0) -> tuple[socket.socket, 
         raise UserError(f"cannot reach the server endpoint ({exc.strerror}); check the network and 'endpoint'", 1) from None
     sock.setblocking(False)
     return sock, addr[:2]
+
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_BYTES = 65507
+GSO_MAX_SEGMENTS = 64
+RECV_BUFFER = 65535
+_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+_SEG = struct.Struct("=H")
+_GRO = struct.Struct("=i")
+
+
+class Udp:
+    """A non-blocking UDP socket with GSO/GRO where the kernel has them; counters, never exceptions."""
+
+    __slots__ = ("sock", "gso", "gro", "errors", "last_errno")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.errors = 0
+        self.last_errno = 0     # of the latest failed send (the client re-opens on ENETUNREACH etc.)
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        except OSError:
+            self.gro = False
+        self.gso = True    # tried on first use; an EIO/EINVAL turns it off
+
+    def recv_batch(self, cap: int) -> list:
+        """Up to `cap` reads: a list of (datagram, address); GRO trains are split back into datagrams."""
+        out = []
+        for data, addr, seg in self.recv_trains(cap):
+            if seg:
+                out.extend((data[i:i + seg], addr) for i in range(0, len(data), seg))
+            else:
+                out.append((data, addr))
+        return out
+
+    def recv_trains(self, cap: int, max_bytes: int = 1 << 62) -> list:
+        """Up to `cap` reads, stopping once `max_bytes` arrived: a list of (data, address, seg). A GRO
+        train comes whole with its segment size `seg` (datagrams of seg bytes, the last maybe
+        shorter); a single datagram has seg 0."""
+        out = []
+        recvmsg = self.sock.recvmsg
+        got = 0
+        for _ in range(cap):
+            if got >= max_bytes:
+                break
+            try:
+                data, anc, _flags, addr = recvmsg(RECV_BUFFER, _CMSG_SPACE)
+            except BlockingIOError:
+                break
+            except OSError:   # e.g. ECONNREFUSED from an earlier ICMP error: count, go on
+                self.errors += 1
+                continue
+            seg = 0
+            if anc:
+                for level, kind, value in anc:
+                    if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+                        seg = _GRO.unpack_from(value)[0]
+                if seg >= len(data):
+                    seg = 0
+            out.append((data, addr, seg))
+            got += len(data)
+        return out
+
+    def send(self, frames: list, addr=None) -> None:
+        """Send datagrams; equal-size runs (super-packet fragments) go as GSO trains."""
+        n = len(frames)
+        if n == 1 or not self.gso:
+            for f in frames:
+                self._send_one(f, addr)
+            return
+        size = len(frames[0])
+        if len(frames[-1]) > size and n > 3 and len(frames[-3]) == size:
+            # a super-packet's parity fragment (2 bytes longer than a chunk) follows its train alone
+            self.send(frames[:-1], addr)
+            self._send_one(frames[-1], addr)
+            return
+        if len(frames[-2]) != size or len(frames[-1]) > size:   # not a fragment train (segmented packets)
+            for f in frames:
+                self._send_one(f, addr)
+            return
+        per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+        cmsg = [(SOL_UDP, UDP_SEGMENT, _SEG.pack(size))]
+        for i in range(0, n, per):
+            group = frames[i:i + per]
+            if len(group) == 1:
+                self._send_one(group[0], addr)
+                continue
+            try:
+                if addr is None:
+                    self.sock.sendmsg([b"".join(group)], cmsg)
+                else:
+                    self.sock.sendmsg([b"".join(group)], cmsg, 0, addr)
+            except BlockingIOError:
+                self.errors += 1
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    # segments larger than the route's MTU: one datagram each, which the kernel
+                    # fragments (the tunnel sockets do not set DF)
+                    for f in group:
+                        self._send_one(f, addr)
+                elif exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                    self.gso = False          # no UDP GSO here: per-datagram from now on
+                    for f in group:
+                        self._send_one(f, addr)
+                else:
+                    self.errors += 1
+                    self.last_errno = exc.errno
+
+    def send_runs(self, datagrams: list, addr=None) -> None:
+        """Single datagrams gathered over one batch of TUN reads (small packets: ACKs, a UDP flow),
+        in order: each run of equal sizes, the last of a run maybe shorter, goes as one GSO train
+        (one sendmsg instead of one per datagram; the receiver takes the train with one recvmsg)."""
+        i, n = 0, len(datagrams)
+        while i < n:
+            size = len(datagrams[i])
+            limit = min(n, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+            j = i + 1
+            while j < limit and len(datagrams[j]) == size:
+                j += 1
+            if j < limit and len(datagrams[j]) < size:      # a shorter one may end a train
+                j += 1
+            if j - i == 1:
+                self._send_one(datagrams[i], addr)
+            else:
+                self.send(datagrams[i:j], addr)
+            i = j
+
+    def _send_one(self, frame: bytes, addr) -> None:
+        try:
+            if addr is None:
+                self.sock.send(frame)
+            else:
+                self.sock.sendto(frame, addr)
+        except OSError as exc:
+            self.errors += 1
+            self.last_errno = exc.errno or 0
+
+
+class HeldSends:
+    """The sends of one batch of TUN reads: single datagrams (ACKs, a UDP flow) are held per endpoint
+    and leave as trains (Udp.send_runs) once `hold` wait, before a super-packet's fragments to the
+    same endpoint (order kept), or at flush() at the end of the batch.
+
+    `hold` (PumpLimits.hold): a ping reply read among ACKs must not wait for the whole batch (which,
+    with the TUN writer thread making ACKs meanwhile, can be 256 reads, ~2 ms). A train holds at most
+    ~45 datagrams of a tunnel MTU anyway; 1 sends each at once."""
+
+    __slots__ = ("_by_addr", "_hold")
+
+    def __init__(self, hold: int = 32):
+        self._by_addr: dict = {}     # endpoint -> (Udp, [datagram]); empty between batches
+        self._hold = hold
+
+    def send(self, udp: Udp, frames: list, addr=None) -> None:
+        if len(frames) == 1:
+            entry = self._by_addr.get(addr)
+            if entry is None:
+                entry = self._by_addr[addr] = (udp, [])
+            entry[1].append(frames[0])
+            if len(entry[1]) >= self._hold:
+                udp.send_runs(self._by_addr.pop(addr)[1], addr)
+        elif frames:
+            entry = self._by_addr.pop(addr, None)
+            if entry is not None:
+                udp.send_runs(entry[1], addr)
+            udp.send(frames, addr)
+
+    def flush(self) -> None:
+        by_addr = self._by_addr
+        try:
+            for addr, (udp, datagrams) in by_addr.items():
+                udp.send_runs(datagrams, addr)
+        finally:
+            by_addr.clear()      # forget fast: no endpoint lingers between batches
+
+
+class UdpSet:
+    """The UDP sockets of one end: the one a datagram to `ep` leaves by (its address family; a
+    connected socket for ep None)."""
+
+    __slots__ = ("all", "v4", "v6")
+
+    def __init__(self, udps):
+        self.all = list(udps)
+        self.v4 = next((u for u in self.all if u.sock.family == socket.AF_INET), None)
+        self.v6 = next((u for u in self.all if u.sock.family == socket.AF_INET6), None)
+
+    def pick(self, ep):
+        if ep is None:
+            return self.all[0]
+        return self.v6 if ":" in ep[0] else self.v4
+
+    def send_one(self, dg: bytes, ep=None) -> None:
+        """A single datagram (a handshake or control message) to `ep`; dropped without a socket."""
+        udp = self.pick(ep)
+        if udp is not None:
+            udp.send([dg], ep)

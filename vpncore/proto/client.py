@@ -6,28 +6,30 @@
     packet = conn.receive_datagram(dg, now)        # an IP packet, or None
     dg = conn.encrypt(packet, now)                 # hot path: a datagram, or None
     conn.handle_timer(now) when now >= conn.get_timer()
+    conn.statistics()                              # frozen totals: bytes, drops
+
+The transport half (sealing, opening, super-packets, loss reports, counters) is the connection's
+Tunnel (tunnel.py); this module is the initiator: handshakes, timers, hello/config, close.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from typing import Callable
 
 from . import control
 from .constants import (
-    VNET_HDR_LEN, DEAD_PEER_TIMEOUT, FEATURE_PARITY, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, KIND_CONTROL, KIND_DATA, KIND_SUPER,
-    MSG_COOKIE_REPLY, MSG_RESPONSE, MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
-    REKEY_TIMEOUT, LOSS_REPORT_EARLY, LOSS_REPORT_INTERVAL, HELLO_RETRY_TIMEOUT,
+    DEAD_PEER_TIMEOUT, FEATURE_PARITY, FEATURE_SUPERPACKET, KEEPALIVE_TIMEOUT, MSG_COOKIE_REPLY, MSG_RESPONSE,
+    MSG_TRANSPORT, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, REKEY_TIMEOUT, LOSS_REPORT_INTERVAL,
+    HELLO_RETRY_TIMEOUT,
 )
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
 from .events import ControlReceived, HandshakeCompleted, LossReported, ServerClosed
 from .handshake import consume_response, create_initiation
 from .noise import public_key
-from .gso import ZERO_VNET_HDR
-from .session import ip_packet_length, pad, strip_padding as _strip
-from .superpacket import open_whole, parse_fragment, receive_fragment, seal_read, train_items
-from .wire import unpack_transport_header_untrusted
+from .superpacket import train_items
+from .tunnel import Counters, Statistics, Tunnel
 
 IDLE, HANDSHAKING, ESTABLISHED, CLOSED = "idle", "handshaking", "established", "closed"
 
@@ -46,6 +48,11 @@ TRANSITIONS = {
 
 
 class ClientConnection:
+    """The initiator's side of one session with one server (SPEC §8.1, §8.3): the handshake and its
+    retransmission, rekeying, dead-peer detection and keepalives, hello/config, close; the
+    transport itself is `self.tunnel` (one Tunnel for the connection's life, across rekeys).
+    Sans-IO: bytes and `now` in, datagrams and events out; memory-only (never pickled)."""
+
     def __init__(self, *, private_key: bytes, server_public: bytes, rng: Callable[[int], bytes],
                  psk: bytes | None = None, wall_offset: float = 0.0, features=(), persistent_keepalive: float = 0,
                  vnet_hdr: bool = False):
@@ -60,26 +67,21 @@ class ClientConnection:
         self.vnet_hdr = vnet_hdr
         if vnet_hdr:
             self.features += [f for f in (FEATURE_SUPERPACKET, FEATURE_PARITY) if f not in self.features]
-        self.peer_super = False         # the server advertised super-packets in its config
-        self.peer_parity = False        # ... and parity fragments
-        self.parity = False             # the embedding's choice: add parity (under loss, §5.5)
         self.persistent_keepalive = persistent_keepalive
         self._macs = CookieGenerator(self.server_public)
         self._checker = CookieChecker(self.public, rng)
         self.state = IDLE
-        self.current = self.previous = self.pending = None
+        self.pending = None
         self._last_initiation = None
         self._cookie_retried = False    # the one immediate retry after a cookie reply was sent
         self._hello_at = None           # hello sent on the current keypair and no config yet: when
         self._out: deque[bytes] = deque()
         self._events: deque = deque()
         self.last_handshake = None      # monotonic time of the last completed handshake
-        self.last_rx = self.last_tx = None
-        self._unanswered_since = None   # first data sent after the last authenticated receive
-        self._data_rx_since = None      # first data received since our last send (passive keepalive)
-        self._last_loss_report = 0.0
-        self.rx_bytes = self.tx_bytes = 0
-        self.drops: Counter[str] = Counter()
+        self._counters = Counters()
+        self.drops = self._counters.drops
+        self.tunnel = Tunnel(vnet_hdr=vnet_hdr, counters=self._counters, send=self._out.append,
+                             control=self._receive_control)
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.state}>"
@@ -89,6 +91,45 @@ class ClientConnection:
 
     def _transition(self, what: str) -> None:
         self.state = TRANSITIONS[(self.state, what)]
+
+    # --- the tunnel's state, as attributes (read by the embedding and tests) ----------------------
+    current = property(lambda self: self.tunnel.current, doc="the keypair sealed with (or None)")
+    previous = property(lambda self: self.tunnel.previous, doc="the keypair before the last rekey")
+    last_rx = property(lambda self: self.tunnel.last_rx, doc="time of the last authenticated receive")
+    last_tx = property(lambda self: self.tunnel.last_tx, doc="time of the last transport message sent")
+    rx_bytes = property(lambda self: self._counters.rx_bytes, doc="transport bytes received (tunnel.py)")
+    tx_bytes = property(lambda self: self._counters.tx_bytes, doc="transport bytes sent (tunnel.py)")
+
+    @property
+    def parity(self) -> bool:
+        """The embedding's choice: add parity fragments to super-packets (under loss, §5.5)."""
+        return self.tunnel.add_parity
+
+    @parity.setter
+    def parity(self, on: bool) -> None:
+        self.tunnel.add_parity = on
+
+    @property
+    def peer_super(self) -> bool:
+        """The server's config listed super-packets (and our TUN carries virtio_net_hdr)."""
+        return self.tunnel.peer_takes_super
+
+    @peer_super.setter
+    def peer_super(self, on: bool) -> None:
+        self.tunnel.peer_takes_super = on
+
+    @property
+    def peer_parity(self) -> bool:
+        """... and parity fragments."""
+        return self.tunnel.peer_takes_parity
+
+    @peer_parity.setter
+    def peer_parity(self, on: bool) -> None:
+        self.tunnel.peer_takes_parity = on
+
+    def statistics(self) -> Statistics:
+        """Frozen totals for this connection (never reset): transport bytes and drops by reason."""
+        return self._counters.snapshot()
 
     # --- outputs --------------------------------------------------------------
     def datagrams_to_send(self) -> list[bytes]:
@@ -120,11 +161,9 @@ class ClientConnection:
             raise BadPacket("unexpected-response")
         kp = consume_response(dg, self.pending, checker=self._checker, now=now)
         self.pending = None
-        if self.previous is not None:
-            self.previous.wipe()
-        self.previous, self.current = self.current, kp
-        self.last_handshake = self.last_rx = now
-        self._unanswered_since = None
+        self.tunnel.use(kp)
+        self.last_handshake = self.tunnel.last_rx = now
+        self.tunnel.unanswered_since = None
         self._transition("response")
         self._events.append(HandshakeCompleted())
         # the first transport message confirms the keypair to the responder; it is sent again every
@@ -141,7 +180,7 @@ class ClientConnection:
         try:
             t = dg[0] if dg else 0
             if t == MSG_TRANSPORT:
-                return self._receive_transport(dg, now)
+                return self.tunnel.open_untrusted(dg, now)
             if self.state == CLOSED:
                 raise BadPacket("closed")
             if t == MSG_RESPONSE:
@@ -160,47 +199,6 @@ class ClientConnection:
             self.drops[exc.reason] += 1
         return None
 
-    def _keypair_for(self, index: int):
-        for kp in (self.current, self.previous):
-            if kp is not None and kp.local_index == index:
-                return kp
-        raise BadPacket("index")
-
-    def _receive_transport(self, dg: bytes, now: float) -> bytes | None:
-        kind, index, counter = unpack_transport_header_untrusted(dg)
-        if kind == KIND_SUPER:
-            return self._receive_super(dg, now)
-        plain = self._keypair_for(index).open(dg, counter)
-        self.last_rx = now
-        self._unanswered_since = None
-        self.rx_bytes += len(dg)
-        if kind == KIND_DATA:
-            if not plain:
-                return None  # keepalive
-            n = ip_packet_length(plain)
-            if n <= 0:
-                raise BadPacket("inner-length")
-            if self._data_rx_since is None:
-                self._data_rx_since = now
-            return ZERO_VNET_HDR + plain[:n] if self.vnet_hdr else plain[:n]
-        if kind == KIND_CONTROL:
-            self._receive_control(control.decode_untrusted(plain), now)
-            return None
-        raise BadPacket("kind")
-
-    def _receive_super(self, dg: bytes, now: float) -> bytes | None:
-        if not self.vnet_hdr:
-            raise BadPacket("superpacket-unsupported")
-        no, n, index, counter = parse_fragment(dg)
-        kp = self._keypair_for(index)
-        lost = kp.super_lost
-        plain = receive_fragment(kp, dg, no, n, counter)
-        if kp.super_lost != lost and now - self._last_loss_report >= LOSS_REPORT_EARLY:
-            self._report_loss(now)      # tell the sender at once: it shrinks its super-packets
-        if plain is None:
-            return None
-        return self._super_delivered(plain, now)
-
     def receive_train(self, buf: bytes, seg: int, now: float) -> list:
         """A UDP GRO train from the server (datagrams of `seg` bytes, the last maybe shorter): the IP
         packets for the TUN, as receive_datagram gives them one by one. Whole super-packets in it
@@ -209,25 +207,15 @@ class ClientConnection:
         for dg, whole in train_items(buf, seg, self.vnet_hdr):
             if whole is None:
                 got = self.receive_datagram(dg, now)
-                if got is not None:
-                    out.append(got)
-                continue
-            try:
-                out.append(self._super_delivered(open_whole(self._keypair_for(whole[0]), dg, whole[1], whole[2]), now))
-            except BadPacket as exc:
-                self.drops[exc.reason] += 1
+            else:
+                try:
+                    got = self.tunnel.open_whole(dg, whole, now)
+                except BadPacket as exc:
+                    self.drops[exc.reason] += 1
+                    continue
+            if got is not None:
+                out.append(got)
         return out
-
-    def _super_delivered(self, plain: bytes, now: float) -> bytes:
-        self.rx_bytes += len(plain)
-        self.last_rx = now
-        self._unanswered_since = None
-        if self._data_rx_since is None:
-            self._data_rx_since = now
-        size = ip_packet_length(plain, VNET_HDR_LEN)
-        if size <= 0:
-            raise BadPacket("inner-length")
-        return _strip(plain, VNET_HDR_LEN + size)
 
     def _receive_control(self, msg: dict, now: float) -> None:
         if msg["type"] == "close":
@@ -240,105 +228,68 @@ class ClientConnection:
         else:
             if msg["type"] != "config":       # hello is for servers
                 raise BadPacket("control-direction")
-            self.peer_super = FEATURE_SUPERPACKET in msg.get("features", ())
-            self.peer_parity = FEATURE_PARITY in msg.get("features", ())
+            features = msg.get("features", ())
+            self.tunnel.peer_takes_super = FEATURE_SUPERPACKET in features
+            self.tunnel.peer_takes_parity = FEATURE_PARITY in features
             self._hello_at = None
             self._events.append(ControlReceived(msg))
 
-    def _report_loss(self, now: float) -> None:
-        self._last_loss_report = now
-        done, lost, repaired = control.take_loss((self.current, self.previous))
-        if done or lost:
-            self.send_control(control.loss(done, lost, repaired), now)
-
     def encrypt(self, packet: bytes, now: float) -> bytes | None:
         """Hot path: one IP packet to one datagram, or None (no session yet: dropped and counted)."""
-        kp = self.current
-        if kp is None:
-            self.drops["no-session"] += 1
-            return None
-        dg = kp.seal(KIND_DATA, pad(packet))
-        self.last_tx = now
-        self._data_rx_since = None
-        if self._unanswered_since is None:
-            self._unanswered_since = now
-        self.tx_bytes += len(dg)
-        return dg
+        return self.tunnel.seal_packet(packet, now)
 
     def encrypt_frames(self, data: bytes, now: float, chunk: int) -> list[bytes]:
-        """Hot path with vnet_hdr: one TUN read (virtio_net_hdr + packet) to its datagrams.
-
-        A GSO super-packet to a server that takes them: one AEAD, fragments of `chunk` bytes (§5.5).
-        Otherwise (a single packet, or a server without offloads): checksum finished and segmented
-        in software, one kind-0 datagram per packet (§5.6).
-        """
-        kp = self.current
-        if kp is None:
-            self.drops["no-session"] += 1
-            return []
-        frames = seal_read(kp, data, chunk, self.peer_super, self.parity and self.peer_parity)
-        self.last_tx = now
-        self._data_rx_since = None
-        if self._unanswered_since is None:
-            self._unanswered_since = now
-        self.tx_bytes += sum(map(len, frames))
-        return frames
+        """Hot path with vnet_hdr: one TUN read (virtio_net_hdr + packet) to its datagrams
+        (Tunnel.seal_read: super-packet fragments and parity, or kind-0 segments)."""
+        return self.tunnel.seal_read(data, now, chunk)
 
     def send_packet(self, packet: bytes, now: float) -> None:
-        dg = self.encrypt(packet, now)
+        dg = self.tunnel.seal_packet(packet, now)
         if dg is not None:
             self._out.append(dg)
 
     def send_control(self, msg: dict, now: float) -> None:
-        if self.current is None:
-            return
-        dg = self.current.seal(KIND_CONTROL, control.encode(msg))
-        self.last_tx = now
-        self._data_rx_since = None
-        self.tx_bytes += len(dg)
-        self._out.append(dg)
+        dg = self.tunnel.seal_control(msg, now)
+        if dg is not None:
+            self._out.append(dg)
 
     def _send_keepalive(self, now: float) -> None:
-        dg = self.current.seal(KIND_DATA, b"")
-        self.last_tx = now
-        self._data_rx_since = None
-        self.tx_bytes += len(dg)
-        self._out.append(dg)
+        dg = self.tunnel.seal_keepalive(now)
+        if dg is not None:
+            self._out.append(dg)
 
     # --- timers --------------------------------------------------------------
     def get_timer(self) -> float | None:
         """The earliest time handle_timer has something to do, or None."""
         if self.state in (IDLE, CLOSED):
             return None
-        t = [kp.created + REJECT_AFTER_TIME for kp in (self.current, self.previous) if kp is not None]
-        if self._hello_at is not None and self.current is not None:
+        tun = self.tunnel
+        cur = tun.current
+        t = [kp.created + REJECT_AFTER_TIME for kp in (cur, tun.previous) if kp is not None]
+        if self._hello_at is not None and cur is not None:
             t.append(self._hello_at + HELLO_RETRY_TIMEOUT)
-        if self.pending is not None or self.current is None:
+        if self.pending is not None or cur is None:
             # while a handshake is pending, handle_timer only retransmits and expires keys
             t.append((self._last_initiation or 0) + REKEY_TIMEOUT)
             return min(t)
-        if self.current is not None:
-            t.append(self.current.created + REKEY_AFTER_TIME)
-            if self._unanswered_since is not None:
-                t.append(self._unanswered_since + DEAD_PEER_TIMEOUT)
-            if self._data_rx_since is not None:
-                t.append(self._data_rx_since + KEEPALIVE_TIMEOUT)
-            if self.persistent_keepalive:
-                t.append((self.last_tx or 0) + self.persistent_keepalive)
+        t.append(cur.created + REKEY_AFTER_TIME)
+        if tun.unanswered_since is not None:
+            t.append(tun.unanswered_since + DEAD_PEER_TIMEOUT)
+        if tun.data_rx_since is not None:
+            t.append(tun.data_rx_since + KEEPALIVE_TIMEOUT)
+        if self.persistent_keepalive:
+            t.append((tun.last_tx or 0) + self.persistent_keepalive)
         return min(t)
 
     def handle_timer(self, now: float) -> None:
         if self.state in (IDLE, CLOSED):
             return
-        if self.current is not None and now - self._last_loss_report >= LOSS_REPORT_INTERVAL:
-            self._report_loss(now)
-        if self.previous is not None and now - self.previous.created >= REJECT_AFTER_TIME:
-            self.previous.wipe()
-            self.previous = None
-        cur = self.current
-        if cur is not None and now - cur.created >= REJECT_AFTER_TIME:
-            cur.wipe()
-            self.current = cur = None
+        tun = self.tunnel
+        if tun.current is not None and now - tun.loss_at >= LOSS_REPORT_INTERVAL:
+            tun.report_loss(now)
+        cur = tun.current
+        if cur is not None and cur in tun.expire(now, REJECT_AFTER_TIME):
+            cur = None
             self._transition("expired")
         if cur is not None and self._hello_at is not None and now - self._hello_at >= HELLO_RETRY_TIMEOUT:
             self._send_hello(now)
@@ -348,20 +299,17 @@ class ClientConnection:
             return
         if now - cur.created >= REKEY_AFTER_TIME or cur.send_counter >= REKEY_AFTER_MESSAGES:
             self._send_initiation(now)
-        elif self._unanswered_since is not None and now - self._unanswered_since >= DEAD_PEER_TIMEOUT:
-            self._unanswered_since = None
+        elif tun.unanswered_since is not None and now - tun.unanswered_since >= DEAD_PEER_TIMEOUT:
+            tun.unanswered_since = None
             self._send_initiation(now)
-        if self._data_rx_since is not None and now - self._data_rx_since >= KEEPALIVE_TIMEOUT:
+        if tun.keepalive_due(now):
             self._send_keepalive(now)
-        elif self.persistent_keepalive and now - (self.last_tx or 0) >= self.persistent_keepalive:
+        elif self.persistent_keepalive and now - (tun.last_tx or 0) >= self.persistent_keepalive:
             self._send_keepalive(now)
 
     # --- teardown --------------------------------------------------------------
     def _drop_keypairs(self) -> None:
-        for kp in (self.current, self.previous):
-            if kp is not None:
-                kp.wipe()
-        self.current = self.previous = None
+        self.tunnel.wipe()
         self._hello_at = None
         if self.pending is not None:
             self.pending.noise.wipe()
@@ -369,7 +317,7 @@ class ClientConnection:
 
     def close(self, now: float, reason: str = "client disconnected") -> None:
         """Tell the server (if a session exists), then forget all keys."""
-        if self.current is not None:
+        if self.tunnel.current is not None:
             self.send_control(control.close(reason), now)
         self._drop_keypairs()
         self._private[:] = bytes(32)

@@ -53,20 +53,26 @@ def loss(done: int, lost: int, repaired: int = 0) -> dict:
     return msg
 
 
-def take_loss(keypairs) -> tuple[int, int, int]:
-    """Sum and reset the super-packet counters (done, lost, repaired) of `keypairs` (None ignored)."""
-    done = lost = repaired = 0
-    for kp in keypairs:
-        if kp is not None:
-            done += kp.super_done
-            lost += kp.super_lost
-            repaired += kp.super_repaired
-            kp.super_done = kp.super_lost = kp.super_repaired = 0
-    return done, lost, repaired
-
-
 def hello(features=()) -> dict:
     return {"type": "hello", "version": CONTROL_VERSION, "features": list(features)}
+
+
+def config(*, mtu: int, routes=(), dns=(), features=(), ipv4: str | None = None, ipv6: str | None = None,
+           keepalive: int | None = None) -> dict:
+    """The server's `config` (SPEC §6.3): tunnel MTU, routes to send through the tunnel, DNS
+    servers, agreed features (FEATURE_SUPERPACKET, FEATURE_PARITY) and the client's tunnel
+    addresses as interface strings ("198.19.0.2/24", "fd00::2/64"). ValueError if a field would
+    be refused by the receiver's decoder (§6.2)."""
+    msg = {"type": "config", "version": CONTROL_VERSION, "mtu": mtu, "routes": list(routes), "dns": list(dns),
+           "features": list(features)}
+    if ipv4 is not None:
+        msg["ipv4"] = ipv4
+    if ipv6 is not None:
+        msg["ipv6"] = ipv6
+    if keepalive is not None:
+        msg["keepalive"] = keepalive
+    encode(msg)          # never build what the peer's decoder would refuse
+    return msg
 
 
 def close(reason: str, retry: bool = True) -> dict:
@@ -105,6 +111,14 @@ def _check_config(msg: dict) -> None:
         raise BadPacket("control-field")
 
 
+def _unique_keys(pairs) -> dict:
+    """A msgpack map with a key given twice is malformed (SPEC §6.2.1: receivers SHOULD drop it)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate map key")
+    return out
+
+
 def decode_untrusted(plaintext: bytes) -> dict:
     """A validated control message (a dict with a known "type"), or BadPacket."""
     if len(plaintext) < 2:
@@ -115,8 +129,8 @@ def decode_untrusted(plaintext: bytes) -> dict:
     try:
         msg = msgpack.unpackb(bytes(plaintext[2:2 + n]), raw=False, strict_map_key=True,
                               max_str_len=MAX_STR, max_bin_len=MAX_STR, max_array_len=CONTROL_MAX_ITEMS,
-                              max_map_len=CONTROL_MAX_ITEMS, max_ext_len=0)
-    except Exception as exc:  # msgpack raises many types on malformed input
+                              max_map_len=CONTROL_MAX_ITEMS, max_ext_len=0, object_pairs_hook=_unique_keys)
+    except Exception as exc:  # msgpack raises many types on malformed input (and _unique_keys ValueError)
         raise BadPacket("control-msgpack") from exc
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise BadPacket("control-type")

@@ -27,11 +27,18 @@ _ZEROS = bytes(16)
 
 
 class Keypair:
-    """One direction pair of transport keys from one handshake (memory only)."""
+    """One direction pair of transport keys from one handshake: send counter, receive replay window,
+    and the seal/open of single transport messages (SPEC §5.1-§5.4). Memory only: never pickled,
+    printed as its index.
+
+    It knows nothing of peers, kinds or super-packets: the Tunnel (tunnel.py) that holds it decides
+    what to seal and what an opened message means. `reassembly` is the super-packet table of this
+    keypair (superpacket.Reassembly, created at the first fragment), kept here because it lives and
+    dies with the keys (§5.5 Bounds).
+    """
 
     __slots__ = ("_seal", "_open", "_keys", "local_index", "remote_index", "send_counter",
-                 "replay", "created", "initiator", "peer", "partial", "super_done", "super_lost",
-                 "super_repaired",
+                 "replay", "created", "initiator", "reassembly",
                  "__weakref__")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
@@ -45,16 +52,19 @@ class Keypair:
         self.replay = ReplayWindow()
         self.created = created
         self.initiator = initiator
-        self.peer = None
-        self.partial = None   # super-packet reassembly: {counter: [fragments, missing]}
-        self.super_done = self.super_lost = 0   # multi-fragment super-packets completed / evicted
-        self.super_repaired = 0                 # ... of the completed, those rebuilt from parity
+        self.reassembly = None   # superpacket.Reassembly once a multi-fragment super-packet arrives
 
     def __repr__(self) -> str:
         return f"<Keypair #{self.local_index:08x}>"
 
     def __reduce__(self):
         raise TypeError("session state is memory-only and cannot be serialized")
+
+    @property
+    def partial(self):
+        """The incomplete super-packets held for this keypair ({counter: entry}), or None."""
+        r = self.reassembly
+        return None if r is None else r.partial
 
     def seal(self, kind: int, plaintext: bytes) -> bytes:
         """A transport datagram carrying `plaintext`. The caller pads data (see pad())."""
@@ -64,6 +74,17 @@ class Keypair:
         self.send_counter = c + 1
         header = HEADER.pack(MSG_TRANSPORT, kind, 0, self.remote_index, c)
         return header + self._seal(NONCE.pack(0, c), plaintext, header)
+
+    def seal_detached(self, kind: int, reserved: int, plaintext: bytes) -> tuple[int, bytes]:
+        """(counter, ciphertext) of one message under the next counter whose header (the AD) is
+        HEADER.pack(MSG_TRANSPORT, kind, reserved, remote_index, counter) but is not prepended: a
+        super-packet's fragment 0 header (§5.5) has frag_no 0 and frag_count n in `reserved`
+        (`n << 8`), and its ciphertext is cut into fragments."""
+        c = self.send_counter
+        if c >= REJECT_AFTER_MESSAGES:
+            raise BadPacket("counter-exhausted")
+        self.send_counter = c + 1
+        return c, self._seal(NONCE.pack(0, c), plaintext, HEADER.pack(MSG_TRANSPORT, kind, reserved, self.remote_index, c))
 
     def open(self, datagram: bytes, counter: int) -> bytes:
         """Plaintext of a transport datagram whose header the caller parsed; BadPacket on tag or replay."""
@@ -96,7 +117,7 @@ class Keypair:
         for k in self._keys:
             k[:] = bytes(len(k))
         self._seal = self._open = _dead
-        self.partial = None
+        self.reassembly = None
 
 
 def _dead(*_args):

@@ -29,13 +29,10 @@ from __future__ import annotations
 import struct
 
 from .constants import (
-    KIND_SUPER, MSG_TRANSPORT, REJECT_AFTER_MESSAGES, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL, SUPER_MAX_PLAINTEXT,
+    KIND_SUPER, MSG_TRANSPORT, SUPER_MAX_FRAGMENTS, SUPER_MAX_PARTIAL, SUPER_MAX_PLAINTEXT,
     SUPER_PARITY_MIN, SUPER_PARITY_NO, TRANSPORT_HEADER_LEN,
 )
-from .constants import KIND_DATA
 from .errors import BadPacket
-from .gso import segment
-from .session import NONCE, pad
 
 FRAG_HEADER = struct.Struct("<BBBBIQ")
 _MAX_CIPHERTEXT = SUPER_MAX_PLAINTEXT + 16
@@ -58,17 +55,15 @@ def parity_fragment(header: bytes, ct: bytes, chunk: int) -> bytes:
 
 
 def seal_fragments(kp, plaintext: bytes, chunk: int, parity: bool = False) -> list[bytes]:
-    """The fragments (header + chunk each) of one super-packet; all but the last are 16+chunk bytes.
-    With `parity` (and at least SUPER_PARITY_MIN fragments) a parity fragment follows them."""
-    c = kp.send_counter
-    if c >= REJECT_AFTER_MESSAGES:
-        raise BadPacket("counter-exhausted")
-    kp.send_counter = c + 1
+    """The fragments (header + chunk each) of one super-packet sealed under `kp`'s next counter; all
+    but the last are 16+chunk bytes. With `parity` (and at least SUPER_PARITY_MIN fragments) a
+    parity fragment follows them. ValueError if it needs more than SUPER_MAX_FRAGMENTS."""
     n = -(-(len(plaintext) + 16) // chunk)
     if n > SUPER_MAX_FRAGMENTS:
         raise ValueError("super-packet too large for the fragment size")
+    # the AD is fragment 0's header: frag_no 0 and frag_count n in the reserved u16 (little-endian)
+    c, ct = kp.seal_detached(KIND_SUPER, n << 8, plaintext)
     rid = kp.remote_index
-    ct = kp._seal(NONCE.pack(0, c), plaintext, _pack_header(MSG_TRANSPORT, KIND_SUPER, 0, n, rid, c))
     if n == 1:
         return [_pack_header(MSG_TRANSPORT, KIND_SUPER, 0, 1, rid, c) + ct]
     # header = _PREFIX[i] || frag_count, receiver, counter; joined with a view of the chunk: one copy
@@ -82,14 +77,10 @@ def seal_fragments(kp, plaintext: bytes, chunk: int, parity: bool = False) -> li
     return frames
 
 
-def seal_read(kp, data: bytes, chunk: int, peer_takes_super: bool, parity: bool = False) -> list[bytes]:
-    """The datagrams for one TUN read (virtio_net_hdr + packet), the sender's choice of §5.5/§5.6:
-    a GSO super-packet to a peer that takes them (and that fits in SUPER_MAX_FRAGMENTS) is sealed
-    once and fragmented; anything else is checksummed and segmented in software, one kind-0
-    message per packet."""
-    if peer_takes_super and data[1] and len(data) + 32 <= chunk * SUPER_MAX_FRAGMENTS:
-        return seal_fragments(kp, pad(data), chunk, parity)
-    return [kp.seal(KIND_DATA, pad(p)) for p in segment(data)]
+def fits(read: bytes, chunk: int) -> bool:
+    """Whether a TUN read (virtio_net_hdr + packet) goes out as a super-packet of `chunk`-byte
+    fragments: a GSO read (gso_type not NONE) within SUPER_MAX_FRAGMENTS (§5.5; else §5.6)."""
+    return bool(read[1]) and len(read) + 32 <= chunk * SUPER_MAX_FRAGMENTS
 
 
 def parse_fragment(datagram: bytes) -> tuple[int, int, int, int]:
@@ -103,60 +94,107 @@ def parse_fragment(datagram: bytes) -> tuple[int, int, int, int]:
     return no, n, receiver, counter
 
 
+class Reassembly:
+    """The incomplete super-packets of one keypair and its counts since the last loss report
+    (SPEC §5.5 receive steps 3-5, §6.3). Created by the Tunnel at a keypair's first multi-fragment
+    super-packet and held in `kp.reassembly`, so it dies with the keys.
+
+    `partial` maps a counter to [chunks, missing, bytes held, parity or None]; at most
+    SUPER_MAX_PARTIAL entries, the oldest evicted (counted in `lost`). `done` counts completed
+    multi-fragment super-packets, `repaired` those of them rebuilt from parity."""
+
+    __slots__ = ("partial", "done", "lost", "repaired")
+
+    def __init__(self):
+        self.partial: dict = {}
+        self.done = self.lost = self.repaired = 0
+
+    def __repr__(self) -> str:
+        return f"<Reassembly {len(self.partial)} partial>"
+
+    def __reduce__(self):
+        raise TypeError("session state is memory-only and cannot be serialized")
+
+    def take(self) -> tuple[int, int, int]:
+        """(done, lost, repaired) since the last call; the counts start again from zero."""
+        got = self.done, self.lost, self.repaired
+        self.done = self.lost = self.repaired = 0
+        return got
+
+    def receive(self, kp, datagram: bytes, no: int, n: int, counter: int):
+        """Plaintext once the super-packet is complete (or rebuilt from parity) and verified, else
+        None. BadPacket on tag/replay or a fragment the bounds refuse. n > 1."""
+        if not kp.replay.check(counter):
+            # a parity fragment trails its data: once they all arrived, it is not needed
+            raise BadPacket("parity-unused" if no == SUPER_PARITY_NO else "replay")
+        partial = self.partial
+        size = len(datagram) - TRANSPORT_HEADER_LEN
+        if no == SUPER_PARITY_NO:
+            size -= 2        # the parity's chunk, after the last chunk's length
+        entry = partial.get(counter)
+        if entry is None:
+            if size * (n - 1) > _MAX_CIPHERTEXT:
+                raise BadPacket("fragment-oversize")
+            if len(partial) >= SUPER_MAX_PARTIAL:
+                del partial[min(partial)]      # evict the oldest incomplete super-packet
+                self.lost += 1
+            entry = partial[counter] = [[None] * n, n, 0, None]
+        parts, missing, held, parity = entry
+        if len(parts) != n:
+            raise BadPacket("fragment-count")
+        if no == SUPER_PARITY_NO:
+            # at most one parity, no bigger than a chunk of a genuine super-packet of n >= 3 fragments:
+            # an entry holds at most 1.5 x (SUPER_MAX_PLAINTEXT + 16) bytes in all
+            if parity is not None:
+                raise BadPacket("fragment-duplicate")
+            if size < 1:
+                raise BadPacket("length")
+            if size * (n - 1) > _MAX_CIPHERTEXT:
+                raise BadPacket("fragment-oversize")
+            entry[3] = parity = datagram[TRANSPORT_HEADER_LEN:]
+        else:
+            if parts[no] is not None:
+                raise BadPacket("fragment-duplicate")
+            held += size
+            if held > _MAX_CIPHERTEXT:             # no more than one genuine super-packet's bytes per counter
+                del partial[counter]
+                raise BadPacket("fragment-oversize")
+            parts[no] = datagram[TRANSPORT_HEADER_LEN:]
+            missing -= 1
+            entry[1], entry[2] = missing, held
+        if missing:
+            if missing > 1 or parity is None or not _repair(parts, parity):
+                return None
+            self.repaired += 1
+        del partial[counter]
+        self.done += 1
+        # the AD is fragment 0's header as the sender built it: its receiver index is our local index
+        header = _pack_header(MSG_TRANSPORT, KIND_SUPER, 0, n, kp.local_index, counter)
+        return kp.open_with_header(header, counter, b"".join(parts))
+
+    def whole(self, kp, header: bytes, counter: int, ciphertext: bytes) -> bytes:
+        """Open a super-packet taken whole from a train (whole_in_train); BadPacket on tag or replay."""
+        plain = kp.open_with_header(header, counter, ciphertext)
+        self.partial.pop(counter, None)      # a stray fragment of it came earlier on its own
+        self.done += 1
+        return plain
+
+
+def reassembly_of(kp) -> Reassembly:
+    """`kp`'s Reassembly, created on first use."""
+    r = kp.reassembly
+    if r is None:
+        r = kp.reassembly = Reassembly()
+    return r
+
+
 def receive_fragment(kp, datagram: bytes, no: int, n: int, counter: int):
-    """Plaintext once the super-packet is complete (or rebuilt from parity) and verified, else None.
-    BadPacket on tag/replay."""
+    """One fragment (parsed by parse_fragment) for keypair `kp`: the plaintext once the
+    super-packet is complete and verified, else None. BadPacket on tag/replay. A super-packet of a
+    single fragment is opened at once and never held."""
     if n == 1:
         return kp.open_with_header(datagram[:TRANSPORT_HEADER_LEN], counter, datagram[TRANSPORT_HEADER_LEN:])
-    if not kp.replay.check(counter):
-        # a parity fragment trails its data: once they all arrived, it is not needed
-        raise BadPacket("parity-unused" if no == SUPER_PARITY_NO else "replay")
-    partial = kp.partial
-    if partial is None:
-        partial = kp.partial = {}
-    size = len(datagram) - TRANSPORT_HEADER_LEN
-    if no == SUPER_PARITY_NO:
-        size -= 2        # the parity's chunk, after the last chunk's length
-    entry = partial.get(counter)
-    if entry is None:
-        if size * (n - 1) > _MAX_CIPHERTEXT:
-            raise BadPacket("fragment-oversize")
-        if len(partial) >= SUPER_MAX_PARTIAL:
-            del partial[min(partial)]      # evict the oldest incomplete super-packet
-            kp.super_lost += 1
-        entry = partial[counter] = [[None] * n, n, 0, None]
-    parts, missing, held, parity = entry
-    if len(parts) != n:
-        raise BadPacket("fragment-count")
-    if no == SUPER_PARITY_NO:
-        # at most one parity, no bigger than a chunk of a genuine super-packet of n >= 3 fragments:
-        # an entry holds at most 1.5 x (SUPER_MAX_PLAINTEXT + 16) bytes in all
-        if parity is not None:
-            raise BadPacket("fragment-duplicate")
-        if size < 1:
-            raise BadPacket("length")
-        if size * (n - 1) > _MAX_CIPHERTEXT:
-            raise BadPacket("fragment-oversize")
-        entry[3] = parity = datagram[TRANSPORT_HEADER_LEN:]
-    else:
-        if parts[no] is not None:
-            raise BadPacket("fragment-duplicate")
-        held += size
-        if held > _MAX_CIPHERTEXT:             # no more than one genuine super-packet's bytes per counter
-            del partial[counter]
-            raise BadPacket("fragment-oversize")
-        parts[no] = datagram[TRANSPORT_HEADER_LEN:]
-        missing -= 1
-        entry[1], entry[2] = missing, held
-    if missing:
-        if missing > 1 or parity is None or not _repair(parts, parity):
-            return None
-        kp.super_repaired += 1
-    del partial[counter]
-    kp.super_done += 1
-    # the AD is fragment 0's header as the sender built it: its receiver index is our local index
-    header = _pack_header(MSG_TRANSPORT, KIND_SUPER, 0, n, kp.local_index, counter)
-    return kp.open_with_header(header, counter, b"".join(parts))
+    return reassembly_of(kp).receive(kp, datagram, no, n, counter)
 
 
 def whole_in_train(buf: bytes, mv: memoryview, at: int, seg: int):
@@ -207,12 +245,7 @@ def train_items(buf: bytes, seg: int, whole_ok: bool):
 
 def open_whole(kp, header: bytes, counter: int, ciphertext: bytes) -> bytes:
     """Open a super-packet taken whole from a train (whole_in_train); BadPacket on tag or replay."""
-    plain = kp.open_with_header(header, counter, ciphertext)
-    partial = kp.partial
-    if partial and counter in partial:      # a stray fragment of it came earlier on its own
-        del partial[counter]
-    kp.super_done += 1
-    return plain
+    return reassembly_of(kp).whole(kp, header, counter, ciphertext)
 
 
 def _repair(parts: list, parity: bytes) -> bool:
