@@ -51,13 +51,14 @@ class ClientSide:
     def __init__(self, client: "Client", conn: ClientConnection):
         self.client = client
         self.conn = conn
-        self.link = Link(conn.encrypt_frames, partial(setattr, conn, "parity"), INITIAL_MTU + 16)
+        # seal straight through the connection's Tunnel: one call per TUN read
+        self.link = Link(conn.tunnel.seal_read, partial(setattr, conn.tunnel, "add_parity"), INITIAL_MTU + 16)
         self._route = (self.link, None)       # None: the connected socket
 
     def attach(self, conn: ClientConnection) -> None:
         """A new connection (failover): the governor carries over to it."""
         self.conn = conn
-        self.link.rebind(conn.encrypt_frames, partial(setattr, conn, "parity"))
+        self.link.rebind(conn.tunnel.seal_read, partial(setattr, conn.tunnel, "add_parity"))
 
     def route(self, read: bytes, now: float):
         return self._route

@@ -333,7 +333,7 @@ class Server:
             self.counters["refused-by-policy"] += 1
             self.proto.end_peer(peer, refusal, now, retry=False)
             return
-        info = PeerInfo(account, new_link(self.proto, peer, self.chunk))
+        info = PeerInfo(account, new_link(peer, self.chunk))
         for pool in self.pools:
             addr = pool.allocate()
             if addr is None:
