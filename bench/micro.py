@@ -34,7 +34,7 @@ from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt  # noqa: E40
 
 from vpncore.proto.constants import KIND_DATA  # noqa: E402
 from vpncore.proto.gso import VNET_HDR, checksum  # noqa: E402
-from vpncore.proto.session import Keypair  # noqa: E402
+from vpncore.proto.keypair import Keypair  # noqa: E402
 
 CLIENT_ADDR, SERVER_ADDR = "198.19.0.2", "198.19.0.1"
 SOCKBUF = 8 << 20
@@ -137,7 +137,7 @@ def generate(fd: int, frame: bytes, seconds: float, start_evt):
 
 def pump(size_label: str, frame: bytes, seconds: float) -> dict:
     from vpncore.keys import genkey
-    from vpncore.userror import parse_key
+    from vpncore.configfile import parse_key
     from nacl.bindings import crypto_scalarmult_base
     from vpnclient.client import query
 

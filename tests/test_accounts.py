@@ -27,8 +27,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from vpncore import atomicfile
 from vpncore.keys import genkey
-from vpncore.userror import UserError, encode_key, parse_key
+from vpncore.cli import UserError
+from vpncore.configfile import encode_key, parse_key
 from vpnd import accounts as reg
 from vpnd.policy import DEFAULT_PLANS, AccountState, Plan, Policy, TokenBucket
 from vpnd.stats import utc_day
@@ -269,28 +271,14 @@ def test_failed_write_leaves_old_content_and_no_temp_file(path, workdir, monkeyp
         monkeypatch.setattr(reg.os, "replace", boom)
     elif where == "fsync":
         monkeypatch.setattr(reg.os, "fsync", boom)
-    else:   # the file object's write: fails after mkstemp, with a half-written temp file possible
-        real_fdopen = os.fdopen
+    else:   # the write itself: half the bytes reach the temp file, then the disk is full
+        real_write = os.write
 
-        class HalfWriter:
-            def __init__(self, f):
-                self.f = f
+        def half_write(fd, data):
+            real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "simulated disk full")
 
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.f.close()
-
-            def write(self, text):
-                self.f.write(text[: len(text) // 2])
-                self.f.flush()
-                raise OSError(errno.ENOSPC, "simulated disk full")
-
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-
-        monkeypatch.setattr(reg.os, "fdopen", lambda *a, **kw: HalfWriter(real_fdopen(*a, **kw)))
+        monkeypatch.setattr(atomicfile.os, "write", half_write)
 
     with pytest.raises(OSError) as info:
         reg.change(path, "device-add", "alice", key=K2)

@@ -37,7 +37,7 @@ from string import Template
 import pytest
 
 from vpncore.keys import genkey
-from vpncore.userror import encode_key, parse_key
+from vpncore.configfile import encode_key, parse_key
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -656,7 +656,7 @@ def _import_runtime():
 @pytest.mark.parametrize("prog,cmd", [("vpnd", "serve"), ("vpnclient", "up")])
 def test_without_root_forked_in_process(shared_dir, prog, cmd):
     _import_runtime()
-    from vpncore.userror import run_cli
+    from vpncore.cli import run_cli
     if prog == "vpnd":
         from vpnd.__main__ import main
         path = write(shared_dir / "vpnd.toml", SERVER_OK, mode=0o644)
@@ -669,7 +669,7 @@ def test_without_root_forked_in_process(shared_dir, prog, cmd):
 
 @pytest.mark.parametrize("prog,cmd", [("vpnd", "serve"), ("vpnclient", "up")])
 def test_without_root_geteuid_monkeypatched(tmp_path, monkeypatch, capsys, prog, cmd):
-    from vpncore.userror import run_cli
+    from vpncore.cli import run_cli
     if prog == "vpnd":
         import vpnd.__main__ as mod
         path = write(tmp_path / "vpnd.toml", SERVER_OK)

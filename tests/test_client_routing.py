@@ -11,7 +11,7 @@ from vpnclient.__main__ import build_parser
 from vpnclient.config import load
 from vpnclient.system import Applied
 from vpncore.keys import genkey
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 
 def test_families_follow_the_server_unless_the_config_decides():

@@ -12,7 +12,8 @@ import pytest
 from vpnclient import config as ccfg
 from vpncore.keys import genkey
 from vpncore.log import DEBUG, INFO, QUIET
-from vpncore.userror import UserError, parse_key
+from vpncore.cli import UserError
+from vpncore.configfile import parse_key
 from vpnd import config as scfg
 from vpnd.pool import AddressPool
 

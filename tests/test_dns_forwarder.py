@@ -16,7 +16,7 @@ import trio
 
 from vpnd import dns
 from vpnd.dns import DnsForwarder, parse_upstream, question_end, servfail
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 
 def query(name: str, qid: int = 0x1234, qtype: int = 1) -> bytes:

@@ -19,7 +19,7 @@ from vpncore.proto.events import ControlReceived, HandshakeCompleted, ServerClos
 from vpncore.proto.handshake import ZERO_PSK
 from vpncore.proto.noise import IKHandshake
 from vpncore.proto.server import ServerProtocol
-from vpncore.proto.session import pad
+from vpncore.proto.keypair import pad
 from vpncore.proto.timestamp import tai64n
 
 from tests.helpers import (

@@ -12,7 +12,7 @@ import pytest
 from nacl.bindings import crypto_scalarmult_base
 
 from vpncore import keys
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 30

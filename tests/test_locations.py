@@ -15,7 +15,8 @@ from vpnclient import config as ccfg
 from vpnclient import locations
 from vpnclient.locations import DEAD_AFTER, HANDSHAKE_GIVEUP, PROBE, PROBE_AFTER, PROBE_EVERY, SWITCH, Failover
 from vpncore.keys import genkey
-from vpncore.userror import UserError, parse_key
+from vpncore.cli import UserError
+from vpncore.configfile import parse_key
 
 KEYS = {f"k{i}": genkey() for i in range(4)}
 VPNCLIENT = str(Path(sys.executable).parent / "vpnclient")

@@ -23,7 +23,7 @@ from vpncore.proto.constants import (
 from vpncore.proto.cookie import CookieGenerator
 from vpncore.proto.errors import BadPacket
 from vpncore.proto.server import Peer
-from vpncore.proto.session import ip_packet_length, pad
+from vpncore.proto.keypair import ip_packet_length, pad
 from vpncore.proto.superpacket import FRAG_HEADER, parse_fragment, seal_fragments
 
 from tests.helpers import (

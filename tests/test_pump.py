@@ -14,7 +14,7 @@ from nacl.bindings import crypto_scalarmult_base
 
 from vpncore.log import QUIET, Log
 from vpncore.net.fake import FakeApplied, fake_tun
-from vpncore.net.gsosize import SMALL
+from vpncore.proto.loss import SMALL
 from vpncore.net.pump import Link, Pump, PumpLimits
 from vpncore.net.udp import Udp, UdpSet, open_connected, open_listener
 from vpncore.proto.constants import VNET_HDR_LEN

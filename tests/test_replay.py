@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from vpncore.proto.constants import KIND_DATA, REJECT_AFTER_MESSAGES, REKEY_AFTER_TIME, REJECT_AFTER_TIME, REPLAY_WINDOW
 from vpncore.proto.errors import BadPacket
 from vpncore.proto.replay import ReplayWindow
-from vpncore.proto.session import Keypair, pad
+from vpncore.proto.keypair import Keypair, pad
 from vpncore.proto.wire import unpack_transport_header_untrusted
 
 from tests.helpers import established_pair, ipv4_packet, run_until, udp_payload

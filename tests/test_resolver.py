@@ -17,7 +17,7 @@ import pytest
 
 from vpnclient import guard as guardmod
 from vpnclient import killswitch, resolver, state
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 ORIGINAL = b"# the machine's own resolver\nnameserver 198.18.0.1\nsearch example.test\n\xff binary tail \x00\n"
 

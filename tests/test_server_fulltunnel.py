@@ -12,7 +12,7 @@ import pytest
 
 from vpncore.keys import genkey
 from vpncore.proto import control
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 from vpnd import config as scfg
 from vpnd import conntrack, egress
 

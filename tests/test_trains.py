@@ -9,7 +9,7 @@ import random
 import pytest
 
 from vpncore.proto.constants import VNET_HDR_LEN
-from vpncore.proto.session import pad
+from vpncore.proto.keypair import pad
 from vpncore.proto.superpacket import seal_fragments
 
 from tests.helpers import established_pair, ipv4_packet, udp_payload

@@ -19,7 +19,7 @@ from vpncore.proto.constants import (
 )
 from vpncore.proto.errors import BadPacket
 from vpncore.proto.events import SessionEnded
-from vpncore.proto.session import Keypair, pad
+from vpncore.proto.keypair import Keypair, pad
 from vpncore.proto.tunnel import Statistics, Tunnel
 
 from tests.helpers import (

@@ -27,7 +27,7 @@ from vpncore.proto.events import ControlReceived, ServerClosed, SessionStarted
 from vpncore.proto.noise import public_key
 from vpncore.proto.replay import ReplayWindow
 from vpncore.proto.server import ServerProtocol
-from vpncore.proto.session import Keypair, pad
+from vpncore.proto.keypair import Keypair, pad
 from vpncore.proto.superpacket import seal_fragments
 from vpncore.proto.tunnel import Tunnel
 from vpncore.proto.timestamp import tai64n

@@ -9,7 +9,7 @@ import socket
 import sys
 
 from vpncore.keys import genkey, pubkey_from_stdin
-from vpncore.userror import UserError, run_cli
+from vpncore.cli import UserError, run_cli
 
 PROG = "vpnclient"
 

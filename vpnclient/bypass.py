@@ -26,7 +26,7 @@ import ctypes
 import os
 import struct
 
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH = 5, 8, 9

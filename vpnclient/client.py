@@ -16,13 +16,13 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import tun_gso_max_size
+from vpncore.proto.loss import tun_gso_max_size
 from vpncore.net.pump import Link, Pump, PumpLimits
 from vpncore.net.udp import Udp, UdpSet, open_connected
 from vpncore.proto import control
 from vpncore.proto.client import ClientConnection
 from vpncore.proto.events import ControlReceived, HandshakeCompleted, LossReported, ServerClosed
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 from .config import ClientConfig, ServerEntry
 from .locations import NOTICE, PROBE, SWITCH, Failover, Target, open_socket

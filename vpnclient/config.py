@@ -46,7 +46,8 @@ import re
 from dataclasses import dataclass, field
 
 from vpncore.net.udp import parse_hostport
-from vpncore.userror import UserError, check_keys, load_toml, need, parse_key, read_private_key
+from vpncore.cli import UserError
+from vpncore.configfile import check_keys, load_toml, need, parse_key, read_private_key
 
 CLIENT_KEYS = {"private_key", "private_key_file", "interface", "control_socket", "persistent_keepalive",
                "kill_switch", "resolv_conf", "state_dir", "full_tunnel", "allow_lan", "exclude", "fwmark",

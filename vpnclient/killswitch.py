@@ -35,7 +35,7 @@ import ipaddress
 import subprocess
 
 from vpncore.net import links
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 TABLE = "vpnclient_killswitch"
 FAMILY = "inet"

@@ -32,7 +32,7 @@ import trio
 
 from vpncore.net.udp import SO_MARK, open_connected
 from vpncore.proto.events import HandshakeCompleted
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 from .config import ServerEntry
 

@@ -22,7 +22,8 @@ import shutil
 import stat
 import subprocess
 
-from vpncore.userror import UserError
+from vpncore import atomicfile
+from vpncore.cli import UserError
 
 DEFAULT = "/etc/resolv.conf"
 HEADER = "# Written by vpnclient while the tunnel is up: DNS goes through the tunnel.\n" \
@@ -100,20 +101,9 @@ def content(nameservers: list[str]) -> bytes:
 
 def _replace(path: str, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
     """Atomically replace `path` (a file or a symlink) with a regular file holding `data`."""
-    tmp = f"{path}.vpnclient-tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, data)
-            os.fchmod(fd, mode)
-            if owner is not None:
-                os.fchown(fd, *owner)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        atomicfile.replace(path, data, mode, owner)
     except OSError as exc:
-        _unlink(tmp)
         if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.EACCES, errno.EROFS, errno.EPERM):
             raise
         _in_place(path, data, mode, owner)      # a bind-mounted file cannot be renamed over

@@ -29,7 +29,7 @@ import ipaddress
 import json
 import subprocess
 
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 PREF_EXCLUDE = 32760       # to CIDR lookup main: `exclude` and `allow_lan` networks
 PREF_SUPPRESS = 32761      # lookup main suppress_prefixlength 0

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-from vpncore.userror import UserError
+from vpncore import atomicfile
+from vpncore.cli import UserError
 
 VERSION = 1
 
@@ -43,19 +44,7 @@ def save(path: str, data: dict) -> None:
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        tmp = f"{path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(data, sort_keys=True).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomicfile.replace(path, json.dumps(data, sort_keys=True).encode())
     except OSError as exc:
         raise UserError(f"cannot write the state file {path} ({exc.strerror}); check 'state_dir'", 1) from None
 

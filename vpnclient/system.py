@@ -12,7 +12,7 @@ table of its own.
 from __future__ import annotations
 
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import tun_gso_max_size
+from vpncore.proto.loss import tun_gso_max_size
 
 from .routing import is_default
 

@@ -7,7 +7,8 @@ import sys
 from nacl.bindings import crypto_scalarmult_base
 from nacl.utils import random
 
-from .userror import UserError, encode_key, parse_key
+from .cli import UserError
+from .configfile import encode_key, parse_key
 
 
 def genkey() -> str:

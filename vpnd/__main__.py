@@ -7,7 +7,7 @@ import os
 import sys
 
 from vpncore.keys import genkey, pubkey_from_stdin
-from vpncore.userror import UserError, run_cli
+from vpncore.cli import UserError, run_cli
 
 PROG = "vpnd"
 
@@ -107,7 +107,7 @@ def accounts_command(args) -> int:
     import json
 
     from vpncore.net.ctlsock import query
-    from vpncore.userror import encode_key
+    from vpncore.configfile import encode_key
 
     from . import accounts as reg
     from .config import load

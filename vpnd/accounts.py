@@ -19,11 +19,12 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from vpncore.userror import UserError, encode_key, parse_key
+from vpncore import atomicfile
+from vpncore.cli import UserError
+from vpncore.configfile import encode_key, parse_key
 
 from .stats import utc_day
 
@@ -105,26 +106,7 @@ def load(path: str) -> dict[str, Account]:
 
 def write_atomic(path: str, text: str) -> None:
     """Replace `path` with `text` so that a crash leaves the old or the new content, mode 0600."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".accounts-", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomicfile.replace(path, text.encode("utf-8"))
 
 
 @contextmanager

@@ -41,7 +41,8 @@ from vpncore.log import LEVELS
 from . import dns
 from .policy import DEFAULT_PLANS, Plan
 from vpncore.net.udp import parse_hostport
-from vpncore.userror import UserError, check_keys, load_toml, need, parse_key, read_private_key
+from vpncore.cli import UserError
+from vpncore.configfile import check_keys, load_toml, need, parse_key, read_private_key
 
 SERVER_KEYS = {"private_key", "private_key_file", "listen", "interface", "address_pool4", "address_pool6",
                "mtu", "dns", "push_routes", "client_to_client", "log_level", "control_socket", "accounts",

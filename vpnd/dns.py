@@ -32,7 +32,7 @@ from collections import Counter
 
 import trio
 
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 PORT = 53
 MAX_INFLIGHT = 256

@@ -36,7 +36,7 @@ import sys
 from shutil import which
 
 from vpncore.net.links import attached_networks
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 PRIVATE = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
            "127.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128"]

@@ -18,7 +18,7 @@ import trio
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
-from vpncore.net.gsosize import tun_gso_max_size
+from vpncore.proto.loss import tun_gso_max_size
 from vpncore.net.pump import Pump, PumpLimits, PumpStats
 from vpncore.net.udp import Udp, UdpSet, open_listener
 from vpncore.proto import control
@@ -27,7 +27,7 @@ from vpncore.proto.tunnel import Statistics
 from vpncore.proto.events import ControlReceived, LossReported, SessionEnded, SessionStarted
 from vpncore.proto.server import ServerProtocol
 
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 from .config import ServerConfig, pushed_routes
 from .datapath import PeerInfo, ServerSide, new_link

@@ -26,7 +26,7 @@ from nacl.bindings import crypto_scalarmult_base
 from tests.e2e import vpn, vpnd_harness
 from tests.e2e.netns import Topology, wait_until
 from vpncore.net.ctlsock import query
-from vpncore.userror import encode_key
+from vpncore.configfile import encode_key
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = vpn.PORT

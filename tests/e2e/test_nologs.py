@@ -26,7 +26,7 @@ from nacl.bindings import crypto_scalarmult_base
 
 from tests.e2e import vpnd_harness
 from tests.e2e.netns import Topology, require_root, wait_until
-from vpncore.userror import encode_key
+from vpncore.configfile import encode_key
 
 pytestmark = pytest.mark.netns
 

@@ -48,7 +48,7 @@ from tests.e2e.vpn import PORT, SERVER_TUN4
 from tests.helpers import pair
 from vpncore.proto.constants import RESPONSE_LEN
 from vpncore.net import ctlsock
-from vpncore.userror import UserError
+from vpncore.cli import UserError
 
 pytestmark = pytest.mark.netns
 

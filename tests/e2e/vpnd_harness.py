@@ -17,7 +17,7 @@ import os
 import random
 import sys
 
-from vpncore.userror import run_cli
+from vpncore.cli import run_cli
 from vpnd.__main__ import serve
 from vpnd.datapath import ServerSide
 from vpnd.server import Server
@@ -88,7 +88,7 @@ def gc_scan(masked_hex: str) -> dict:
     unmasked copies are excluded from the scan by identity.
     """
     from vpncore.proto.server import Peer
-    from vpncore.proto.session import Keypair
+    from vpncore.proto.keypair import Keypair
 
     patterns = [bytes(b ^ 0x5A for b in bytes.fromhex(h)) for h in masked_hex.split(",") if h]
     texts = [p.decode("latin-1") for p in patterns]

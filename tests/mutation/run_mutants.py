@@ -95,13 +95,13 @@ MUTANTS = [
            [("        if reply.receiver != expected_receiver:", "        if False:")],
            [HS + "test_cookie_reply_for_another_index_is_refused", "tests/test_parsers_fuzz.py"]),
     # -- the AEAD tag ------------------------------------------------------------------------------------
-    Mutant("tag-ignored", "AEAD tag", "vpncore/proto/session.py",
+    Mutant("tag-ignored", "AEAD tag", "vpncore/proto/keypair.py",
            [('datagram[TRANSPORT_HEADER_LEN:], header)\n        except InvalidTag:\n            raise BadPacket("tag") from None',
              'datagram[TRANSPORT_HEADER_LEN:], header)\n        except InvalidTag:\n'
              '            plain = bytes(datagram[TRANSPORT_HEADER_LEN:-16])')],
            [RP + "test_bad_tag_does_not_move_the_window", HS + "test_roaming_follows_authenticated_packets_only"],
            [ROAM]),
-    Mutant("super-tag-ignored", "AEAD tag", "vpncore/proto/session.py",
+    Mutant("super-tag-ignored", "AEAD tag", "vpncore/proto/keypair.py",
            [('plain = self._open(NONCE.pack(0, counter), ciphertext, header)\n        except InvalidTag:\n'
              '            raise BadPacket("tag") from None',
              'plain = self._open(NONCE.pack(0, counter), ciphertext, header)\n        except InvalidTag:\n'
@@ -109,7 +109,7 @@ MUTANTS = [
            ["tests/test_parsers_fuzz.py::test_forged_fragments_with_a_live_index", "tests/test_parsers_fuzz.py"],
            [ROAM]),
     # -- the replay window ------------------------------------------------------------------------------
-    Mutant("replay-removed", "replay window", "vpncore/proto/session.py",
+    Mutant("replay-removed", "replay window", "vpncore/proto/keypair.py",
            [('        if not self.replay.check(counter):\n            raise BadPacket("replay")\n'
              '        header = datagram[:TRANSPORT_HEADER_LEN]',
              '        header = datagram[:TRANSPORT_HEADER_LEN]'),
@@ -118,7 +118,7 @@ MUTANTS = [
              '        self.replay.update(counter)')],
            [RP + "test_open_duplicate_datagram_rejected", RP + "test_server_drops_a_duplicated_datagram"],
            [ROAM]),
-    Mutant("window-moves-before-tag", "replay window", "vpncore/proto/session.py",
+    Mutant("window-moves-before-tag", "replay window", "vpncore/proto/keypair.py",
            [('        if not self.replay.check(counter):\n            raise BadPacket("replay")\n'
              '        header = datagram[:TRANSPORT_HEADER_LEN]',
              '        if not self.replay.update(counter):\n            raise BadPacket("replay")\n'

@@ -14,7 +14,7 @@ import socket
 
 import trio
 
-from ..userror import UserError
+from ..cli import UserError
 
 MAX_REQUEST = 65536
 

@@ -46,7 +46,7 @@ import trio
 
 from vpncore.proto.constants import VNET_HDR_LEN
 
-from .gsosize import SPLIT_ABOVE, GsoGovernor
+from ..proto.loss import SPLIT_ABOVE, GsoGovernor
 from .tunwriter import TunWriter
 from .udp import HeldSends, Udp, UdpSet
 
@@ -93,7 +93,7 @@ class Link:
 
     `seal(piece, now, chunk)` returns the datagrams of one TUN read (the core's encrypt_frames);
     `set_parity(on)` tells the core to add parity fragments. The governor decides both from the
-    peer's loss reports (gsosize), here and nowhere else."""
+    peer's loss reports (proto/loss.py), here and nowhere else."""
 
     __slots__ = ("seal", "chunk", "gso", "_set_parity", "__weakref__")
 

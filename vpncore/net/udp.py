@@ -8,7 +8,8 @@ import errno
 import socket
 import struct
 
-from ..userror import UserError
+from ..cli import UserError
+from ..proto.loss import GSO_MAX_BYTES
 
 BUFFER_BYTES = 4 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -115,7 +116,6 @@ def open_connected(host: str, port: int, mark: int = 0) -> tuple[socket.socket, 
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
-GSO_MAX_BYTES = 65507
 GSO_MAX_SEGMENTS = 64
 RECV_BUFFER = 65535
 _CMSG_SPACE = socket.CMSG_SPACE(4)

@@ -146,7 +146,7 @@ def split(data: bytes, max_bytes: int) -> list[bytes]:
     with at most `max_bytes` of payload each, still in virtio_net_hdr form (local behaviour, §5.6).
 
     Why: a TCP connection takes its super-packet size from the TUN's gso_max_size once, when it
-    connects; lowering it under loss (gsosize) helps only new connections. Pieces get their own IP
+    connects; lowering it under loss (proto/loss.py) helps only new connections. Pieces get their own IP
     length, IPv4 ID and header checksum, TCP sequence number and flags (FIN/PSH on the last piece,
     CWR on the first), and the pseudo-header sum of their length in the checksum field, which is
     what NEEDS_CSUM asks the receiving kernel to complete. Anything else (UDP, no NEEDS_CSUM, not

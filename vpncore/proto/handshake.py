@@ -12,7 +12,7 @@ from .constants import CONSTRUCTION, IDENTIFIER, KEY_LEN
 from .cookie import CookieChecker, CookieGenerator
 from .errors import BadPacket
 from .noise import IKHandshake
-from .session import Keypair
+from .keypair import Keypair
 from .timestamp import tai64n
 from .wire import pack_initiation, pack_response, unpack_initiation_untrusted, unpack_response_untrusted
 

@@ -39,7 +39,7 @@ from .constants import (
 )
 from .errors import BadPacket
 from .gso import ZERO_VNET_HDR, segment
-from .session import ip_packet_length, pad, strip_padding
+from .keypair import ip_packet_length, pad, strip_padding
 from .superpacket import fits, parse_fragment, reassembly_of, seal_fragments
 from .wire import unpack_transport_header_untrusted
 

@@ -22,9 +22,10 @@ packets); cutting reads gives ~1,250, the same as a connection that ran small fr
 
 from __future__ import annotations
 
-from vpncore.net.udp import GSO_MAX_BYTES
-from vpncore.proto.constants import SUPER_MAX_FRAGMENTS, VNET_HDR_LEN
-from vpncore.proto.gso import split
+from .constants import SUPER_MAX_FRAGMENTS, VNET_HDR_LEN
+from .gso import split
+
+GSO_MAX_BYTES = 65507           # the largest UDP payload: the most one UDP GSO or GRO train carries
 
 LARGE = 65536
 SMALL = 16384

@@ -1,4 +1,4 @@
-"""The sender's reaction to the peer's loss reports: super-packet size and parity (vpncore/net/gsosize.py,
+"""The sender's reaction to the peer's loss reports: super-packet size and parity (vpncore/proto/loss.py,
 SPEC §5.5, §6.3), the cutting of big TCP reads (vpncore/proto/gso.py split, SPEC §5.6) and the UDP
 train that carries a parity fragment (vpncore/net/pump.py)."""
 
@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from vpncore.net.gsosize import GROW_AFTER, LARGE, SMALL, SPLIT_ABOVE, GsoGovernor
+from vpncore.proto.loss import GROW_AFTER, LARGE, SMALL, SPLIT_ABOVE, GsoGovernor
 from vpncore.net.pump import Udp
 from vpncore.proto import gso
 from vpncore.proto.constants import VNET_HDR_LEN
