@@ -161,7 +161,7 @@ public_key = "$pub2"
     ("vpnclient", ["--bogus"], ["--bogus"]),
     ("vpnclient", ["up", "--config", "x.toml", "--bogus"], ["--bogus"]),
     ("vpnclient", ["connect"], ["connect"]),
-    ("vpnclient", ["up"], ["--config"]),
+    ("vpnclient", ["up", "--config"], ["--config"]),
     ("vpnclient", ["up", "--config", "x.toml", "--log-level", "loud"], ["--log-level", "loud"]),
     ("vpnclient", ["status", "--config", "a.toml", "--socket", "/tmp/b.sock"], ["--socket", "--config"]),
     ("vpnclient", ["down", "--json"], ["--json"]),

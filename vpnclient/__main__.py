@@ -1,4 +1,4 @@
-"""vpnclient command line: genkey, pubkey, up, status, down, locations, bypass."""
+"""vpnclient command line: genkey, genpsk, pubkey, up, status, down, locations, bypass."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import os
 import socket
 import sys
 
-from vpncore.keys import genkey, pubkey_from_stdin
+from vpncore.keys import genkey, genpsk, pubkey_from_stdin, warn_if_stdout_exposed
+from vpncore.version import version
 from vpncore.cli import UserError, run_cli
+
+from .config import DEFAULT_CONFIG
 
 PROG = "vpnclient"
 
@@ -52,11 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="The VPN client.", epilog=CHOICES + "\n\n" + EXIT_CODES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"{PROG} {version()}")
     sub.add_parser("genkey", help="print a new private key")
+    sub.add_parser("genpsk", help="print a new random preshared key")
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
     up = sub.add_parser("up", help="connect and run in the foreground until Ctrl-C, SIGTERM or 'down'",
                         epilog=CHOICES + "\n\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    up.add_argument("--config", "-c", required=True, metavar="FILE")
+    up.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                    help=f"the client config (default: {DEFAULT_CONFIG})")
     up.add_argument("--log-level", choices=["quiet", "info", "verbose", "debug"], default="info")
     up.add_argument("--location", metavar="CODE", help="use only the servers of this location (see 'locations')")
     up.add_argument("--fastest", action="store_true",
@@ -84,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     by.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS",
                     help="the program to run, after '--'")
     loc = sub.add_parser("locations", help="list the servers of a config: name, location, endpoint")
-    loc.add_argument("--config", "-c", metavar="FILE", help="the client config (default: /etc/vpnclient/vpn0.toml)")
+    loc.add_argument("--config", "-c", metavar="FILE", help=f"the client config (default: {DEFAULT_CONFIG})")
     loc.add_argument("--json", action="store_true", help="print JSON for scripts")
     return p
 
@@ -287,7 +293,7 @@ def run_bypass(args) -> int:
 
 
 def list_locations(args) -> int:
-    from .config import DEFAULT_CONFIG, load
+    from .config import load
     cfg = load(args.config or DEFAULT_CONFIG)
     if args.json:
         print(json.dumps([{"name": s.name, "location": s.location, "endpoint": s.endpoint}
@@ -304,7 +310,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd == "genkey":
+        warn_if_stdout_exposed(PROG)
         print(genkey())
+    elif args.cmd == "genpsk":
+        print(genpsk())
     elif args.cmd == "pubkey":
         print(pubkey_from_stdin())
     elif args.cmd == "up":

@@ -1,4 +1,4 @@
-"""vpnd command line: genkey, pubkey, serve."""
+"""vpnd command line: genkey, genpsk, pubkey, serve, stats, account, device."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from vpncore.keys import genkey, pubkey_from_stdin
+from vpncore.keys import genkey, genpsk, pubkey_from_stdin, warn_if_stdout_exposed
+from vpncore.version import version
 from vpncore.cli import UserError, run_cli
 
 PROG = "vpnd"
@@ -20,7 +21,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="The VPN server daemon. Keeps no logs: sessions live in memory only.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"{PROG} {version()}")
     sub.add_parser("genkey", help="print a new private key")
+    sub.add_parser("genpsk", help="print a new random preshared key")
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
     s = sub.add_parser("serve", help="run the server in the foreground")
     s.add_argument("--config", "-c", required=True, metavar="FILE", help="server configuration (TOML)")
@@ -152,7 +155,10 @@ def accounts_command(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "genkey":
+        warn_if_stdout_exposed(PROG)
         print(genkey())
+    elif args.cmd == "genpsk":
+        print(genpsk())
     elif args.cmd == "pubkey":
         print(pubkey_from_stdin())
     elif args.cmd == "serve":
