@@ -1,8 +1,8 @@
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump conntrack iptables
-SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump conntrack iptables
+SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump conntrack iptables postgresql
+SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump conntrack iptables pg_ctlcluster
 
 .PHONY: all deps-system venv test soak demo clean deps-bench bench bench-quick
 
@@ -31,7 +31,7 @@ $(VENV)/.stamp: pyproject.toml
 test: deps-system venv
 	$(PY) -m pytest -q tests --ignore=tests/soak
 
-# Long attack and fault tests (tests/soak, about 6 minutes) and the parsers' fuzz at 50,000 examples
+# Long attack and fault tests and the strict timing limits (tests/soak, about 8 minutes) and the parsers' fuzz at 50,000 examples
 # each (about 9 minutes): run by hand, not in CI.
 soak: deps-system venv
 	VPN_SOAK=1 VPN_FUZZ_EXAMPLES=50000 $(PY) -m pytest -q tests/soak tests/test_parsers_fuzz.py

@@ -32,6 +32,8 @@ EVENTS = {
     "config-applied": (VERBOSE, "tunnel configuration applied"),    # vpnclient prints its own progress lines (issue 6)
     "harden-warning": (QUIET, "hardening incomplete: see the line above"),
     "stats": (DEBUG, "statistics"),
+    "registry-lost": (QUIET, "the accounts registry cannot be reached: serving with what it last read, retrying"),
+    "registry-back": (QUIET, "the accounts registry is reachable again: changes made meanwhile applied"),
 }
 
 

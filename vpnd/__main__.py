@@ -1,4 +1,4 @@
-"""vpnd command line: genkey, genpsk, pubkey, serve, stats, account, device."""
+"""vpnd command line: genkey, genpsk, pubkey, serve, stats, account, device, plan, registry."""
 
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--socket", metavar="PATH", help="the control socket of the running server")
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    acc = sub.add_parser("account", help="manage accounts in the registry (changes reach a running vpnd at once)")
+    where = "registry location: sqlite:///PATH or postgresql://...?passfile=FILE"
+    acc = sub.add_parser("account", help="manage accounts in the registry (running servers follow at once)")
     asub = acc.add_subparsers(dest="op", metavar="ACTION", parser_class=_Parser, required=True)
     actions = []
     add = asub.add_parser("add", help="create an account")
     add.add_argument("id")
-    add.add_argument("--plan", default="free", help="plan name from the config (default: free)")
+    add.add_argument("--plan", default="free", help="plan name from the registry (default: free)")
     actions += [add, asub.add_parser("list", help="list accounts")]
     for name, text in (("show", "show one account"), ("suspend", "suspend: live sessions end at once"),
                        ("resume", "resume a suspended account"), ("remove", "delete an account")):
@@ -49,16 +50,41 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("id")
     sp.add_argument("plan")
     actions.append(sp)
-    dev = sub.add_parser("device", help="add or remove a device (public key) of an account")
+    dev = sub.add_parser("device", help="add, list or remove the devices (public keys) of an account")
     dsub = dev.add_subparsers(dest="op", metavar="ACTION", parser_class=_Parser, required=True)
     for name in ("add", "remove"):
         d = dsub.add_parser(name, help=f"{name} a device")
         d.add_argument("id", metavar="ACCOUNT")
         d.add_argument("key", metavar="PUBKEY")
+        if name == "add":
+            d.add_argument("--name", help="a name for the device (optional)")
         actions.append(d)
+    dl = dsub.add_parser("list", help="list an account's devices")
+    dl.add_argument("id", metavar="ACCOUNT")
+    actions.append(dl)
+    pl = sub.add_parser("plan", help="the registry's plans (device limit, bandwidth and new-flow caps)")
+    psub = pl.add_subparsers(dest="op", metavar="ACTION", parser_class=_Parser, required=True)
+    actions.append(psub.add_parser("list", help="list plans"))
+    ps = psub.add_parser("set", help="create or change a plan")
+    ps.add_argument("name")
+    ps.add_argument("--devices", type=int, help="devices an account may register (a new plan: 1)")
+    ps.add_argument("--bandwidth-mbit", type=float, help="per account and direction; 0 = no cap (new: 0)")
+    ps.add_argument("--new-flows-per-second", type=int, help="per account; 0 = no cap (new: 0)")
+    pr = psub.add_parser("remove", help="remove a plan no account uses")
+    pr.add_argument("name")
+    actions += [ps, pr]
+    rg = sub.add_parser("registry", help="create a registry, or migrate a JSON registry into one")
+    rsub = rg.add_subparsers(dest="op", metavar="ACTION", parser_class=_Parser, required=True)
+    ri = rsub.add_parser("init", help="create the tables (PostgreSQL: and let a read-only role read them)")
+    ri.add_argument("--reader", metavar="ROLE", help="PostgreSQL role the servers connect as (SELECT only)")
+    rm = rsub.add_parser("migrate", help="copy a JSON registry into an empty registry, and check it")
+    rm.add_argument("--from", dest="source", required=True, metavar="FILE", help="the accounts.json to migrate")
+    actions += [ri, rm]
     for parser in actions:
-        parser.add_argument("--config", "-c", required=True, metavar="FILE",
-                            help="server configuration naming the registry (accounts = ...)")
+        g = parser.add_mutually_exclusive_group(required=True)
+        g.add_argument("--registry", "-r", metavar="URL", help=where)
+        g.add_argument("--config", "-c", metavar="FILE",
+                       help="a config naming the registry (the server's, or one with [admin] registry = ...)")
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     return p
 
@@ -106,49 +132,23 @@ def stats(args) -> int:
     return 0
 
 
-def accounts_command(args) -> int:
-    import json
+def registry_command(args) -> int:
+    """`vpnd account|device|plan|registry ...`: with only the registry's location, never the
+    server's private key."""
+    from .registry import admin
+    from .config import registry_location
+    from .registry import parse_location
 
-    from vpncore.net.ctlsock import query
-    from vpncore.configfile import encode_key
-
-    from . import accounts as reg
-    from .config import load
-
-    cfg = load(args.config)
-    if cfg.accounts is None:
-        raise UserError("the config names no accounts registry; add accounts = \"/var/lib/vpnd/accounts.json\" "
-                        "to [server]")
-    op = args.op if args.cmd == "account" else f"device-{args.op}"
-    if op in ("list", "show"):
-        accounts = reg.load(cfg.accounts)
-        chosen = list(accounts.values()) if op == "list" else [accounts.get(args.id)]
-        if chosen == [None]:
-            raise UserError(f"no account {args.id!r}; see 'vpnd account list'", 1)
-        if args.json:
-            print(json.dumps({a.id: a.as_json() for a in chosen}))
-        elif op == "list":
-            for a in sorted(chosen, key=lambda a: a.id):
-                print(f"{a.id}  plan {a.plan}  {a.status}  devices {len(a.devices)}  created {a.created}")
-        else:
-            a = chosen[0]
-            print(f"account  {a.id}\nplan     {a.plan}\nstatus   {a.status}\ncreated  {a.created}")
-            for d in a.devices:
-                print(f"device   {encode_key(d)}")
-        return 0
-    reg.change(cfg.accounts, op, args.id, plan=getattr(args, "plan", None), key=getattr(args, "key", None),
-               plans=tuple(cfg.plans))
-    running = True
-    try:
-        query(cfg.control_socket, "reload", PROG, timeout=5)
-    except UserError:
-        running = False      # not running: it reads the registry when it starts
-    verb = {"add": "created", "suspend": "suspended", "resume": "resumed", "remove": "removed",
-            "set-plan": "moved to the new plan", "device-add": "device added to",
-            "device-remove": "device removed from"}[op]
-    tail = "; the running server applied it" if running else ""
-    print(f"vpnd: account {args.id} {verb}{tail}" if not op.startswith("device") else
-          f"vpnd: {verb} account {args.id}{tail}")
+    if args.registry:
+        location, plans = parse_location(args.registry, os.getcwd()), ()
+    else:
+        location, plans = registry_location(args.config)
+    out = admin.run(location, args.cmd, args.op, args, config_plans=plans)
+    if args.json:
+        import json
+        print(json.dumps(out["json"], sort_keys=True))
+    elif out["text"]:
+        print(out["text"])
     return 0
 
 
@@ -165,8 +165,8 @@ def main(argv=None) -> int:
         return serve(args.config)
     elif args.cmd == "stats":
         return stats(args)
-    elif args.cmd in ("account", "device"):
-        return accounts_command(args)
+    elif args.cmd in ("account", "device", "plan", "registry"):
+        return registry_command(args)
     else:
         build_parser().print_help()
         return 2

@@ -10,7 +10,7 @@
     dns = ["198.19.0.1"]
     push_routes = []                    # routes pushed besides the pools
     client_to_client = false            # clients may reach each other through the server
-    accounts = "/var/lib/vpnd/accounts.json"   # the accounts registry (optional)
+    accounts = "sqlite:///var/lib/vpnd/accounts.db"   # the accounts registry (optional; or postgresql://...)
     egress_interface = "eth0"           # NAT client traffic out of this interface (optional)
     full_tunnel = false                 # push 0.0.0.0/0 and ::/0 and carry all traffic out to the internet
     block_tcp_ports = [25]              # outbound TCP ports clients may not use
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from vpncore.log import LEVELS
 
 from . import dns
-from .policy import DEFAULT_PLANS, Plan
+from .registry import DEFAULT_PLANS, Location, Plan, parse_location
 from vpncore.net.udp import parse_hostport
 from vpncore.cli import UserError
 from vpncore.configfile import check_keys, load_toml, need, parse_key, read_private_key
@@ -79,7 +79,7 @@ class ServerConfig:
     dns: list[str] = field(default_factory=list)
     push_routes: list[str] = field(default_factory=list)
     client_to_client: bool = False
-    accounts: str | None = None
+    accounts: Location | None = None
     egress_interface: str | None = None
     full_tunnel: bool = False
     egress_by_family: dict = field(default_factory=dict)   # {4: ifname, 6: ifname}, set at start (egress.py)
@@ -87,6 +87,7 @@ class ServerConfig:
     block_server_networks: bool = True
     blocked_networks: list[str] = field(default_factory=list)
     plans: dict = field(default_factory=lambda: dict(DEFAULT_PLANS))
+    plans_given: tuple = ()                      # the plans the config file itself defines
     memory_limit_mb: int = 512
     log_level: int = 1
     control_socket: str = ""
@@ -216,7 +217,7 @@ def load(path: str) -> ServerConfig:
                 raise UserError(f"server.{name} must be true or false")
             setattr(cfg, name, srv[name])
     if "accounts" in srv:
-        cfg.accounts = os.path.join(os.path.dirname(os.path.abspath(path)), need(srv, "accounts", str, "[server]"))
+        cfg.accounts = parse_location(need(srv, "accounts", str, "[server]"), os.path.dirname(os.path.abspath(path)))
     if "egress_interface" in srv:
         cfg.egress_interface = need(srv, "egress_interface", str, "[server]")
     ports = srv.get("block_tcp_ports", [25])
@@ -231,6 +232,10 @@ def load(path: str) -> ServerConfig:
         raise UserError("server.blocked_networks must be a list of networks like \"10.0.0.0/8\"") from None
     check_pushed(cfg)
     cfg.plans = load_plans(doc.get("plans", {}))
+    cfg.plans_given = tuple(cfg.plans[name] for name in doc.get("plans", {}))
+    if cfg.plans_given and cfg.accounts is not None and cfg.accounts.engine == "postgresql":
+        raise UserError("a fleet's plans live in its registry, not in a server's config: remove the [plans] "
+                        "tables and set them with 'vpnd plan set NAME --devices N'")
     limit = srv.get("memory_limit_mb", 512)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 64:
         raise UserError("server.memory_limit_mb must be a whole number of at least 64")
@@ -255,3 +260,22 @@ def load(path: str) -> ServerConfig:
         psk = parse_key(entry["preshared_key"], f"{where} preshared_key") if "preshared_key" in entry else None
         cfg.clients.append(ClientEntry(pub, psk))
     return cfg
+
+
+def registry_location(path: str) -> tuple[Location, tuple]:
+    """The accounts registry a config file names, and the plans it defines, read without its
+    private key (the admin commands: `accounts` in [server], or `registry` in [admin] of an
+    admin-only config)."""
+    doc = load_toml(path, "config file")
+    plans = doc.get("plans", {})
+    given = load_plans(plans)
+    given = tuple(given[name] for name in plans)
+    base = os.path.dirname(os.path.abspath(path))
+    admin = doc.get("admin")
+    if isinstance(admin, dict) and "registry" in admin:
+        return parse_location(need(admin, "registry", str, "[admin]"), base), given
+    srv = doc.get("server")
+    if isinstance(srv, dict) and "accounts" in srv:
+        return parse_location(need(srv, "accounts", str, "[server]"), base), given
+    raise UserError(f"{path} names no accounts registry; add accounts = \"sqlite:///var/lib/vpnd/accounts.db\" "
+                    f"to [server] (or registry = \"...\" to [admin]), or pass --registry URL")

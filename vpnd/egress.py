@@ -394,8 +394,8 @@ class Egress:
         return (f"add set inet {self.table} {s4} {{ type ipv4_addr; }}\n"
                 f"add set inet {self.table} {s6} {{ type ipv6_addr; }}\n"
                 f"add chain inet {self.table} acct{slot}\n"
-                f"add rule inet {self.table} forward ip saddr @{s4} jump acct{slot}\n"
-                f"add rule inet {self.table} forward ip6 saddr @{s6} jump acct{slot}\n"
+                f"add rule inet {self.table} forward ip saddr @{s4} jump acct{slot} comment \"acct{slot}\"\n"
+                f"add rule inet {self.table} forward ip6 saddr @{s6} jump acct{slot} comment \"acct{slot}\"\n"
                 + self.flow_cap(slot, per_second))
 
     def flow_cap(self, slot: int, per_second: int) -> str:
@@ -406,6 +406,26 @@ class Egress:
                 script += (f"add rule inet {self.table} acct{slot} meta nfproto {fam} ct state new limit rate "
                            f"over {per_second}/second burst {per_second} packets counter drop comment \"flow-cap\"\n")
         return script
+
+    def drop_slot(self, slot: int) -> bool:
+        """Delete an account slot: its jump rules (found by their comment), chain and sets (the
+        account was removed or suspended: nothing of it stays in the kernel). Blocking: a worker thread."""
+        self._sets.pop(slot, None)
+        if not self.active:
+            return True
+        r = subprocess.run(["nft", "-j", "list", "chain", "inet", self.table, "forward"], capture_output=True,
+                           text=True, timeout=10)
+        try:
+            items = json.loads(r.stdout)["nftables"]
+        except (ValueError, KeyError):
+            return False
+        tag = f"acct{slot}"
+        cmds = [{"delete": {"rule": {"family": "inet", "table": self.table, "chain": "forward",
+                                     "handle": i["rule"]["handle"]}}}
+                for i in items if isinstance(i, dict) and i.get("rule", {}).get("comment") == tag]
+        cmds.append({"delete": {"chain": {"family": "inet", "table": self.table, "name": tag}}})
+        cmds += [{"delete": {"set": {"family": "inet", "table": self.table, "name": f"{tag}_v{v}"}}} for v in (4, 6)]
+        return _nft_json(cmds)
 
     def element(self, slot: int, address, add: bool) -> str:
         s4, s6 = self._sets[slot]

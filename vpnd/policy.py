@@ -9,23 +9,9 @@ statistics. Nothing here is per connection or per address.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Plan:
-    name: str
-    devices: int
-    bandwidth_mbit: float = 0.0       # per account and direction; 0 = no cap
-    new_flows_per_second: int = 0     # 0 = no cap
-
-
-DEFAULT_PLANS = {
-    "free": Plan("free", devices=1, bandwidth_mbit=0.0, new_flows_per_second=50),
-    "plus": Plan("plus", devices=5, bandwidth_mbit=0.0, new_flows_per_second=200),
-}
+from .registry import Plan
 
 
 class TokenBucket:
@@ -82,8 +68,8 @@ class Policy:
     """Accounts, plans and egress rules for one server: who may connect, with how many devices.
 
     Keys come from the config's [[client]] entries (no account: no limits) and from the accounts
-    registry (active accounts' devices). The registry file is re-read when it changes (checked every
-    tick) or on a `reload` control request, so changes reach a running server within a second.
+    registry (active accounts' devices), applied as a whole snapshot whenever it changes
+    (`apply`); plans are the registry's.
     """
 
     def __init__(self, cfg, egress=None):
@@ -92,39 +78,29 @@ class Policy:
         self.static_keys = {c.public_key: c.psk for c in cfg.clients}
         self.key_account: dict[bytes, str] = {}         # device key -> account id (active and suspended)
         self.accounts: dict = {}                        # account id -> registry Account
+        self.plans: dict[str, Plan] = dict(cfg.plans)   # the registry's, once a snapshot is applied
         self.live: dict[str, AccountState] = {}         # account id -> state while it has sessions
-        self._stamp = None
+        self.generation = None                          # of the snapshot applied last
         self._slots = 0
         self.nft_script: list[str] = []                 # queued nftables changes, applied by a task
+        self.slots_to_drop: list[int] = []              # nftables account slots to delete, by a task
 
     def __repr__(self) -> str:
         return f"Policy(accounts={len(self.accounts)})"
 
     # --- the registry -------------------------------------------------------------------------
-    def _file_stamp(self):
-        try:
-            st = os.stat(self.cfg.accounts)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def changed(self) -> bool:
-        return self.cfg.accounts is not None and self._file_stamp() != self._stamp
-
-    def load(self) -> None:
-        """(Re-)read the registry. A damaged file keeps the previous view (and says so once)."""
-        from .accounts import load as load_registry
-        if self.cfg.accounts is None:
-            return
-        self._stamp = self._file_stamp()       # also on failure: re-read only when it changes again
-        self.accounts = load_registry(self.cfg.accounts)
+    def apply(self, snapshot) -> None:
+        """Take the registry's view (a Snapshot): accounts, their devices, plans."""
+        self.generation = snapshot.generation
+        self.accounts = snapshot.accounts
+        self.plans = snapshot.plans
         self.key_account = {k: a.id for a in self.accounts.values() for k in a.devices}
 
     def authorized(self) -> dict[bytes, bytes | None]:
         """Every key that may handshake now, with its PSK."""
         keys = dict(self.static_keys)
         for a in self.accounts.values():
-            if a.status == "active" and a.plan in self.cfg.plans:
+            if a.status == "active" and a.plan in self.plans:
                 for k in a.devices:
                     keys.setdefault(k, None)
         return keys
@@ -140,7 +116,7 @@ class Policy:
         acct = self.accounts.get(aid)
         if acct is None or acct.status != "active":
             return None, "account suspended"
-        plan = self.cfg.plans.get(acct.plan)
+        plan = self.plans.get(acct.plan)
         if plan is None:
             return None, "account has an unknown plan; contact the operator"
         state = self.live.get(aid)
@@ -176,8 +152,8 @@ class Policy:
             elif acct.status != "active":
                 reason = "account suspended"
             else:
-                plan = self.cfg.plans.get(acct.plan)
-                if plan is not None and plan is not state.plan:
+                plan = self.plans.get(acct.plan)
+                if plan is not None and plan != state.plan:
                     state.plan = plan          # a plan change applies from now on
                     if self.egress is not None:
                         self.nft_script.append(self.egress.flow_cap(state.slot, plan.new_flows_per_second))
@@ -190,6 +166,18 @@ class Policy:
                 continue
             out.extend((p, reason) for p in state.sessions)
         return out
+
+    def forget_gone(self) -> list[str]:
+        """Drop the live state of accounts removed or suspended (after their sessions ended): the
+        state itself, its nftables slot (queued for deletion); returns their ids, whose per-day
+        figures the caller drops too."""
+        gone = [aid for aid, state in self.live.items() if not state.sessions and
+                (aid not in self.accounts or self.accounts[aid].status != "active")]
+        for aid in gone:
+            state = self.live.pop(aid)
+            if self.egress is not None:
+                self.slots_to_drop.append(state.slot)
+        return gone
 
     def take_bytes(self) -> dict[str, tuple[int, int]]:
         """Per-account bytes since the last call (for the day's statistics)."""

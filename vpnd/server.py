@@ -37,6 +37,7 @@ from . import conntrack
 from .egress import Egress
 from .policy import Policy
 from .pool import AddressPool
+from .registry import RegistryUnavailable, open_registry
 from .stats import DailyStats
 
 TICK = 0.25                 # vpnd's policy period; protocol timers run when due (get_timer)
@@ -73,7 +74,11 @@ class Server:
                              cfg.block_tcp_ports, cfg.block_server_networks, cfg.blocked_networks,
                              full_tunnel=cfg.full_tunnel, listen_ports=[port for _, port in cfg.listen])
         self.policy = Policy(cfg, self.egress)
-        self.policy.load()
+        self.registry = None
+        if cfg.accounts is not None:
+            self.registry = self._open_registry(cfg)
+            self.policy.apply(self.registry.snapshot())
+        self._registry_wait = trio.CancelScope()
         for key, psk in self.policy.authorized().items():
             self.proto.authorize(key, psk)
         self.routes: dict[bytes, object] = {}      # packed tunnel address -> Peer
@@ -100,6 +105,18 @@ class Server:
         return "<vpnd Server>"
 
     # --- set-up ------------------------------------------------------------
+    @staticmethod
+    def _open_registry(cfg):
+        """The accounts registry, at start (blocking is fine here): unreachable is exit 1."""
+        try:
+            registry = open_registry(cfg.accounts)
+            if cfg.plans_given and registry.engine == "sqlite" and registry.put_plans(cfg.plans_given):
+                pass       # a server on its own: the config's [plans] are the registry's
+            return registry
+        except RegistryUnavailable as exc:
+            raise UserError(f"cannot reach the accounts registry ({exc}); check that the database runs and "
+                            f"the URL and password file in 'accounts' are right", 1) from None
+
     def open(self) -> None:
         """Open sockets first (a port in use fails before any device exists), then the TUN; on a
         failure, close what was opened (nothing half set up)."""
@@ -183,6 +200,8 @@ class Server:
                     nursery.start_soon(self.dns.serve)
                 if self._ct_queue is not None:
                     nursery.start_soon(self._conntrack_loop)
+                if self.registry is not None:
+                    nursery.start_soon(self._registry_loop)
                 self.log.event("started")
                 task_status.started(self)
                 await self._stop.wait()
@@ -229,8 +248,6 @@ class Server:
             if shed and not self.proto.shedding:
                 self.counters["memory-limit-reached"] += 1
             self.proto.set_policy(under_load=load, shedding=shed, cookie_budget=COOKIE_REPLIES_PER_TICK)
-            if self.policy.changed():
-                self.reload(now)
             self.proto.handle_timer(now)
             self._handle_events(now)
             self._flush()
@@ -242,17 +259,44 @@ class Server:
                 script, self.policy.nft_script = "".join(self.policy.nft_script), []
                 if not await trio.to_thread.run_sync(self.egress.apply, script):
                     self.counters["nft-error"] += 1
+            while self.policy.slots_to_drop:
+                if not await trio.to_thread.run_sync(self.egress.drop_slot, self.policy.slots_to_drop.pop()):
+                    self.counters["nft-error"] += 1
 
     def _scrub(self) -> None:
         forget_freed()
 
-    def reload(self, now: float) -> None:
-        """Apply a changed accounts registry: end sessions it no longer allows, then update keys."""
-        try:
-            self.policy.load()
-        except UserError:
-            self.counters["registry-unreadable"] += 1
-            return
+    async def _registry_loop(self) -> None:
+        """Follow the registry: wait for a change in a worker thread (the engine's own way: a
+        generation poll for SQLite, LISTEN/NOTIFY for PostgreSQL), read the snapshot there too, and
+        apply it here. A lost database: one line, keep serving with what we last knew, retry."""
+        reg, lost = self.registry, False
+        while True:
+            try:
+                gen = None
+                with trio.CancelScope() as self._registry_wait:     # `reload` cancels the wait
+                    gen = await trio.to_thread.run_sync(reg.wait_change, self.policy.generation, 5.0,
+                                                        abandon_on_cancel=True)
+                snap = None if gen == self.policy.generation else \
+                    await trio.to_thread.run_sync(reg.snapshot, abandon_on_cancel=True)
+            except (RegistryUnavailable, UserError) as exc:
+                self.counters["registry-unreachable" if isinstance(exc, RegistryUnavailable)
+                              else "registry-unreadable"] += 1
+                if not lost:
+                    lost = True
+                    self.log.event("registry-lost")
+                await trio.sleep(1.0)
+                continue
+            if snap is not None:
+                self.apply_registry(snap, time.monotonic())
+            if lost:
+                lost = False
+                self.log.event("registry-back")
+
+    def apply_registry(self, snap, now: float) -> None:
+        """A changed registry: end the sessions it no longer allows, update keys, and forget what
+        removed or suspended accounts left in memory (live state, per-day figures, nftables slot)."""
+        self.policy.apply(snap)
         for peer, reason in self.policy.to_end():
             self.proto.end_peer(peer, reason, now, retry=False)
         allowed = self.policy.authorized()
@@ -263,6 +307,9 @@ class Server:
                 self.proto.authorize(key, psk)
         self._handle_events(now)
         self._flush()
+        self.policy.forget_gone()
+        self.stats.forget_accounts([aid for aid in self.stats.account_ids()
+                                    if aid not in snap.accounts or snap.accounts[aid].status != "active"])
 
     def _account(self) -> None:
         """Move byte totals and drop counters into today's aggregate figures."""
@@ -287,7 +334,7 @@ class Server:
     def _control_request(self, line: str) -> dict:
         cmd = line.partition(" ")[0]
         if cmd == "reload":
-            self.reload(time.monotonic())
+            self._registry_wait.cancel()      # the registry loop reads it again now
             return {"ok": True}
         if cmd == "stats":
             self._account()

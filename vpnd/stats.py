@@ -67,6 +67,15 @@ class DailyStats:
                 v[0] += rx
                 v[1] += tx
 
+    def account_ids(self) -> set[str]:
+        return {aid for totals in self.days.values() for aid in totals.accounts}
+
+    def forget_accounts(self, ids) -> None:
+        """An account removed or suspended: its per-day figures go too."""
+        for totals in self.days.values():
+            for aid in ids:
+                totals.accounts.pop(aid, None)
+
     def add_drops(self, drops: Counter) -> None:
         if drops:
             self.today().drops.update(drops)

@@ -6,6 +6,8 @@ as vpnd's upstream, `getent` resolving through the client namespace's resolver f
 (/etc/netns/<ns>/resolv.conf, which `ip netns exec` shows as /etc/resolv.conf, removed afterwards).
 The leak rule (tests/e2e/capture.py): while the kill switch is on, every frame the client sends is
 UDP to a server endpoint, or ARP / link-scope ICMPv6 housekeeping that never leaves the link.
+Waits are generous and bounded (60 s); how fast the failover is (10 s) is printed here and asserted
+by tests/soak/test_timing_soak.py (`make soak`), on the same scenario.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def start_vpnd(topo: MultiServer, i: int, workdir: Path, keys: vpn.Keys, clients
         r = topo.run(topo.server_namespaces[i], "ss", "-Hlun", "sport = :53", check=False)
         return proc.poll() is not None or vpn.SERVER_TUN4 in r.stdout
 
-    assert wait_until(ready, 10) and proc.poll() is None, log.read_text()
+    assert wait_until(ready, 60) and proc.poll() is None, log.read_text()
     return proc
 
 
@@ -86,7 +88,7 @@ def start_dns(topo: MultiServer, i: int, workdir: Path) -> subprocess.Popen:
     ready = workdir / f"dns{i}.ready"
     proc = topo.popen(topo.server_namespaces[i], sys.executable, str(HERE / "dnsserver.py"), "127.0.0.1", "53",
                       str(ready), f"{NAME}={NAME_IP}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_until(lambda: ready.exists() or proc.poll() is not None, 10) and proc.poll() is None
+    assert wait_until(lambda: ready.exists() or proc.poll() is not None, 60) and proc.poll() is None
     return proc
 
 
@@ -116,7 +118,7 @@ def status(topo: MultiServer, cfg: Path) -> dict:
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
-def wait_established(topo, cfg: Path, proc, *, server: str | None = None, timeout: float = 15) -> dict:
+def wait_established(topo, cfg: Path, proc, *, server: str | None = None, timeout: float = 60) -> dict:
     last = {}
 
     def ok():
@@ -303,7 +305,7 @@ def test_kill_switch_and_dns_survive_sigkill_until_down(net1, tmp_path):
     wait_established(topo, cfg, client)
     r = topo.run(topo.client_ns, vpn.VPNCLIENT, "down", "--config", str(cfg), check=False)
     assert r.returncode == 0, r.stderr
-    assert client.wait(10) == 0
+    assert client.wait(60) == 0
     assert resolv.read_bytes() == ORIGINAL and (resolv.stat().st_mode & 0o777) == 0o640
     assert killswitch_table(topo) is None and os.listdir(tmp_path / "state") == []
     assert sorted(os.listdir(resolv.parent)) == ["resolv.conf"]
@@ -315,12 +317,12 @@ def test_kill_switch_and_dns_survive_sigkill_until_down(net1, tmp_path):
     assert counters["queries"] >= 3 and counters["answers"] >= 3 and counters["tcp_connections"] >= 1
     assert NAME not in r.stdout and "leakcheck" not in (tmp_path / "vpnd0.log").read_text()
     dns.send_signal(signal.SIGTERM)
-    seen = json.loads(dns.communicate(timeout=10)[0])
+    seen = json.loads(dns.communicate(timeout=30)[0])
     assert seen["udp"] >= 2 and seen["tcp"] >= 1
     topo.stop(vpnd)
 
 
-# --- 2. failover between two servers: within 10 s, kill switch holding, TCP continuing ----------
+# --- 2. failover between two servers: kill switch holding, TCP continuing ------------------------
 
 _WHO = textwrap.dedent("""
     import hashlib, socket, sys, threading
@@ -380,7 +382,14 @@ _SEND = textwrap.dedent("""
 """)
 
 
-def test_failover_to_the_second_server_within_10s(net2, tmp_path):
+FAILOVER_DEADLINE = 60      # s; measured a few s; make soak asserts 10 s
+
+
+def failover_two_servers(net2: MultiServer, tmp_path: Path, deadline: float = FAILOVER_DEADLINE) -> dict:
+    """alpha is killed (-9): the client moves to beta, TCP goes through beta within `deadline` s, the
+    kill switch holding; alpha back, beta stopped (SIGTERM): the client moves back to alpha. Returns
+    the figures: the seconds from the kill to the first TCP exchange through beta, and from beta's
+    stop to the first through alpha."""
     topo = net2
     skeys = [vpn.genkeys(), vpn.genkeys()]
     ckeys = vpn.genkeys()
@@ -388,7 +397,7 @@ def test_failover_to_the_second_server_within_10s(net2, tmp_path):
     for i, name in enumerate(("alpha", "beta")):
         topo.popen(topo.server_namespaces[i], sys.executable, "-c", _WHO, name, vpn.SERVER_TUN4, str(WHO_PORT),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert vpn.wait_tcp_listening(topo, topo.server_namespaces[i], WHO_PORT)
+        assert vpn.wait_tcp_listening(topo, topo.server_namespaces[i], WHO_PORT, 60)
     endpoints = {(link.server_ip4, PORT) for link in topo.links}
     resolv = tmp_path / "resolv.conf"
     resolv.write_bytes(ORIGINAL)
@@ -411,17 +420,17 @@ def test_failover_to_the_second_server_within_10s(net2, tmp_path):
     def beats():
         return [line.split() for line in beat_log.read_text().splitlines() if len(line.split()) == 2]
 
-    assert wait_until(lambda: len(beats()) >= 3, 10), beat_log.read_text()
+    assert wait_until(lambda: len(beats()) >= 3, 60), beat_log.read_text()
     assert {name for _, name in beats()} == {"alpha"}
 
     t_kill = time.monotonic()
     os.kill(servers[0].pid, signal.SIGKILL)              # alpha stops answering, without a word
     servers[0].wait(10)
     assert_blocked(leak_attempts(topo, topo.links[1]))   # the kill switch holds during the switch
-    assert wait_until(lambda: any(name == "beta" for _, name in beats()), 15), \
-        f"no TCP through beta\n{cfg.with_suffix('.log').read_text()}"
+    assert wait_until(lambda: any(name == "beta" for _, name in beats()), deadline), \
+        f"no TCP through beta within {deadline} s\n{cfg.with_suffix('.log').read_text()}"
     first_beta = min(float(t) for t, name in beats() if name == "beta")
-    assert first_beta - t_kill < 10, f"TCP through the second server only {first_beta - t_kill:.1f} s later"
+    print(f"\nTCP through the second server {first_beta - t_kill:.1f} s after the first was killed")
     st = wait_established(topo, cfg, client, server="beta")
     assert st["failovers"] == 1 and st["server_endpoint"] == f"{topo.links[1].server_ip4}:{PORT}"
     assert "alpha (aa) stopped answering; switching to beta (bb)" in cfg.with_suffix(".log").read_text()
@@ -437,20 +446,30 @@ def test_failover_to_the_second_server_within_10s(net2, tmp_path):
     start_vpnd(topo, 0, tmp_path, skeys[0], [ckeys])
     t_stop = time.monotonic()
     topo.stop(servers[1])
-    st = wait_established(topo, cfg, client, server="alpha", timeout=10)
+    st = wait_established(topo, cfg, client, server="alpha", timeout=deadline)
     assert st["failovers"] == 2
-    assert wait_until(lambda: beats()[-1][1] == "alpha", 10)
-    assert float(beats()[-1][0]) - t_stop < 10
+
+    def alpha_since_stop() -> list[float]:
+        return [float(t) for t, name in beats() if name == "alpha" and float(t) > t_stop]
+    assert wait_until(lambda: alpha_since_stop() and beats()[-1][1] == "alpha", deadline), \
+        f"no TCP through alpha within {deadline} s of beta's stop: {beats()[-5:]}"
+    back = min(alpha_since_stop()) - t_stop
+    print(f"TCP through alpha again {back:.1f} s after beta stopped")
     assert "beta (bb) closed the session: server shutting down; switching servers" in \
         cfg.with_suffix(".log").read_text()
     stop_file.touch()
-    beat.wait(10)
+    beat.wait(30)
 
     assert_no_leaks(caps[0], macs[0], endpoints, (topo.links[0].server_ip4, PORT))
     assert_no_leaks(caps[1], macs[1], endpoints, (topo.links[1].server_ip4, PORT))
     r = topo.run(topo.client_ns, vpn.VPNCLIENT, "down", "--config", str(cfg), check=False)
-    assert r.returncode == 0 and client.wait(10) == 0
+    assert r.returncode == 0 and client.wait(60) == 0
     assert killswitch_table(topo) is None and resolv.read_bytes() == ORIGINAL
+    return {"failover_after_kill_s": round(first_beta - t_kill, 2), "back_after_stop_s": round(back, 2)}
+
+
+def test_failover_to_the_second_server(net2, tmp_path):
+    failover_two_servers(net2, tmp_path)
 
 
 # --- 3. choosing a server: --location and --fastest ---------------------------------------------
@@ -470,7 +489,7 @@ def test_location_and_fastest(net2, tmp_path):
         proc = up(topo, cfg, *args, log=log)
         st = wait_established(topo, cfg, proc, server=server)
         r = topo.run(topo.client_ns, vpn.VPNCLIENT, "down", "--config", str(cfg), check=False)
-        assert r.returncode == 0 and proc.wait(10) == 0, r.stderr
+        assert r.returncode == 0 and proc.wait(60) == 0, r.stderr
         assert killswitch_table(topo) is None and not resolv.exists()
         return st, log.read_text()
 
@@ -511,7 +530,7 @@ def test_no_ipv6_from_the_server_means_no_ipv6_at_all(net1, tmp_path):
     assert r.returncode != 0                                                        # nor IPv6 into the tunnel
     assert_no_leaks(cap, mac, {(link.server_ip4, PORT)}, (link.server_ip4, PORT))
     r = topo.run(topo.client_ns, vpn.VPNCLIENT, "down", "--config", str(cfg), check=False)
-    assert r.returncode == 0 and client.wait(10) == 0
+    assert r.returncode == 0 and client.wait(60) == 0
 
     # the opt-out: no table at all, the underlay is reachable around the tunnel
     cap = Capture(topo, topo.client_ns, link.client_if, tmp_path / "opt-out").start()
@@ -528,4 +547,4 @@ def test_no_ipv6_from_the_server_means_no_ipv6_at_all(net1, tmp_path):
     log = (tmp_path / "no-kill-switch.log").read_text()
     assert "no kill switch: traffic can leave outside the tunnel" in log and "kill switch on" not in log
     r = topo.run(topo.client_ns, vpn.VPNCLIENT, "down", "--config", str(cfg), check=False)
-    assert r.returncode == 0 and client.wait(10) == 0
+    assert r.returncode == 0 and client.wait(60) == 0

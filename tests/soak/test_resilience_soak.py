@@ -3,7 +3,8 @@
 Every combination of underlay family (IPv4, IPv6), where the 1,280-byte link is (the server's side
 of the router, or the client's side) and direction (upload, download), each with a checksum, no gap
 over 1 s and no stall (see tests/e2e/test_resilience.py, which runs four of these with 100 MB or
-20 MB in `make test`). Cases a known defect breaks are strict xfail with the reason.
+20 MB in `make test`, asserting only the checksum within a generous deadline: the gap and the stall
+limits are asserted here). Cases a known defect breaks are strict xfail with the reason.
 """
 
 from __future__ import annotations
@@ -36,5 +37,5 @@ def cases():
 @pytest.mark.parametrize("family,small,direction", list(cases()))
 def test_path_mtu_1280_1gb(topos, workdir, family, small, direction):
     figures = R.run_mtu_case(topos, workdir, family, small, direction, GIGABYTE_MB * R.MB,
-                             deadline=GIGABYTE_MB * 0.4)
+                             deadline=GIGABYTE_MB * 0.4, strict=True)
     R.record(f"soak-path-mtu-1280-v{family}-{small}-{direction}", **figures)
