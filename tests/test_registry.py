@@ -359,3 +359,39 @@ def test_migrate_refuses_a_damaged_json_and_leaves_it(workdir):
     with pytest.raises(UserError, match="is damaged"):
         migrate_beside(str(path))
     assert path.exists() and not (workdir / "accounts.db").exists()
+
+
+# -- PostgreSQL: bad locations and credentials ---------------------------------------------------------
+
+def test_postgresql_bad_credentials_missing_database_and_no_tables(postgres):
+    from vpnd.registry import RegistryUnavailable
+    pg = postgres
+    name = f"empty_{os.getpid()}"
+    pg.create_database(name)
+    with pytest.raises(RegistryUnavailable, match="password authentication failed"):
+        open_registry(pg.passfile_url("vpnd_admin", "wrong-password", name))
+    with pytest.raises(RegistryUnavailable, match="does not exist"):
+        open_registry(pg.passfile_url("vpnd_admin", pg.password, "no_such_db"))
+    with pytest.raises(UserError, match="holds no vpnd registry; create it with 'vpnd registry init") as info:
+        open_registry(pg.passfile_url("vpnd_admin", pg.password, name))     # servers never create tables
+    one_line(info.value)
+    pg.execute("CREATE TABLE meta (name text, value bigint)", dbname=name)
+    with pytest.raises(UserError, match="no schema version"):
+        open_registry(pg.passfile_url("vpnd_admin", pg.password, name))
+
+
+def test_vpnd_serve_with_an_unreachable_registry_is_one_line(workdir):
+    from vpncore.keys import genkey
+    cfg = workdir / "vpnd.toml"
+    cfg.write_text(f'[server]\nprivate_key = "{genkey()}"\naddress_pool4 = "198.19.0.0/24"\n'
+                   f'interface = "vpnt-reg0"\ncontrol_socket = "{workdir}/s.sock"\n'
+                   f'accounts = "postgresql://vpnd@/vpnd?host={workdir}/nowhere&passfile={workdir}/pgpass"\n')
+    import subprocess
+    import sys
+    r = subprocess.run([str(Path(sys.executable).parent / "vpnd"), "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    lines = [x for x in r.stderr.splitlines() if "warning" not in x]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("vpnd: error: cannot reach the accounts registry (") and \
+        "check that the database runs" in lines[0], r.stderr
+    assert not (workdir / "s.sock").exists()

@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     loc = sub.add_parser("locations", help="list the servers of a config: name, location, endpoint")
     loc.add_argument("--config", "-c", metavar="FILE", help=f"the client config (default: {DEFAULT_CONFIG})")
     loc.add_argument("--json", action="store_true", help="print JSON for scripts")
+    reg = sub.add_parser("register", help="add this machine as a device of an account: new key pair, "
+                         "registered with the device API, and a complete config written")
+    reg.add_argument("--api", required=True, metavar="URL", help="the device API, e.g. https://api.example.net")
+    reg.add_argument("--account", required=True, metavar="ID", help="the account number")
+    reg.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                     help=f"the client config to write, mode 0600 (default: {DEFAULT_CONFIG})")
+    reg.add_argument("--name", metavar="DEVICE_NAME", help="a name for this device (default: the service picks one)")
+    reg.add_argument("--force", action="store_true", help="replace an existing config (its private key is lost)")
     return p
 
 
@@ -326,6 +334,9 @@ def main(argv=None) -> int:
         return list_locations(args)
     elif args.cmd == "bypass":
         return run_bypass(args)
+    elif args.cmd == "register":
+        from .register import run as run_register
+        return run_register(args)
     else:
         parser.print_help()
         return 2

@@ -1,4 +1,4 @@
-"""vpnd command line: genkey, genpsk, pubkey, serve, stats, account, device, plan, registry."""
+"""vpnd command line: genkey, genpsk, pubkey, serve, stats, api, account, device, plan, registry."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--socket", metavar="PATH", help="the control socket of the running server")
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    api = sub.add_parser("api", help="serve the device API (users add their own devices; see vpnd/api.py)")
+    api.add_argument("--config", "-c", required=True, metavar="FILE", help="API configuration (TOML, [api] table)")
     where = "registry location: sqlite:///PATH or postgresql://...?passfile=FILE"
     acc = sub.add_parser("account", help="manage accounts in the registry (running servers follow at once)")
     asub = acc.add_subparsers(dest="op", metavar="ACTION", parser_class=_Parser, required=True)
@@ -165,6 +167,9 @@ def main(argv=None) -> int:
         return serve(args.config)
     elif args.cmd == "stats":
         return stats(args)
+    elif args.cmd == "api":
+        from .api import serve as serve_api
+        return serve_api(args.config)
     elif args.cmd in ("account", "device", "plan", "registry"):
         return registry_command(args)
     else:

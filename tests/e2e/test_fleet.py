@@ -6,8 +6,9 @@ it and nothing more. Each server runs in its own Topology (network namespaces ma
 servers reach the database over its unix socket. Every change goes through the real admin
 commands with the owner's URL, never a server's config or key.
 
-- a device registered while the servers run connects to each of them; the plan's device limit
-  is refused at registration, once for the whole fleet, with one line;
+- a device registered through the device API (`vpnd api`, on loopback) while the servers run
+  connects to each of them (registration-to-session time printed); the plan's device limit is
+  refused at registration, once for the whole fleet: 409 from the API, one line from the CLI;
 - suspension cuts the account off on all three (change-to-effect time per server, printed);
 - the database stopped: the servers say so in one line each and keep their clients' traffic;
   started again: they catch up (a removal made meanwhile takes effect on all three).
@@ -21,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from tests.e2e import vpn
 from tests.e2e.netns import Topology, require_root, wait_until
 from tests.e2e.vpn import PORT, SERVER_TUN4
 from tests.pgserver import PostgresServer
+from tests.test_api import call
 
 pytestmark = pytest.mark.netns
 
@@ -36,6 +39,31 @@ SERVERS = 3
 LOST = "vpnd: the accounts registry cannot be reached: serving with what it last read, retrying"
 BACK = "vpnd: the accounts registry is reachable again: changes made meanwhile applied"
 REFUSED = "vpnclient: the server refused this device: "
+
+
+def start_api(workdir: Path, owner: str, servers) -> tuple[subprocess.Popen, str]:
+    from tests.test_api import free_port
+    port = free_port()
+    cfg = workdir / "api.toml"
+    cfg.write_text(f'[api]\nregistry = "{owner}"\nlisten = "127.0.0.1:{port}"\n' + "".join(
+        f'\n[[server]]\nname = "s{i}"\nlocation = "l{i}"\nendpoint = "{ep}"\npublic_key = "{pub}"\n'
+        for i, (ep, pub) in enumerate(servers)))
+    log = open(workdir / "api.log", "wb")
+    proc = subprocess.Popen([vpn.VPND, "api", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    log.close()
+    base = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: proc.poll() is not None or _up(base), 30) and proc.poll() is None, \
+        (workdir / "api.log").read_text()
+    return proc, base
+
+
+def _up(base: str) -> bool:
+    try:
+        urllib.request.urlopen(base + "/v1/servers", timeout=2).read()
+        return True
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -86,21 +114,32 @@ def test_three_servers_one_postgresql_registry(fleet):
                                       extra=f'accounts = "{reader}"\n')
         servers.append((keys, vpn.start_server(topo, workdir, config=cfg, name=f"vpnd{i}")))
 
-    # Devices registered while the servers run: one per server, each connects to its server.
-    devices = [vpn.genkeys() for _ in range(SERVERS)]
-    clients = []
-    for i, (topo, (skeys, _), dev) in enumerate(zip(topos, servers, devices)):
-        t0 = time.monotonic()
-        admin(owner, "device", "add", "alice", dev.public, "--name", f"device {i}")
-        link = topo.links[0]
-        c = vpn.start_client(topo, topo.clients[0], workdir, dev, skeys.public, f"{link.server_ip4}:{PORT}",
-                             name=f"client{i}")
-        vpn.wait_connected(topo, c, timeout=60, server=servers[i][1])
-        print(f"\nserver {i}: device registered -> session up in {(time.monotonic() - t0) * 1000:.0f} ms")
-        assert vpn.ping(topo, topo.clients[0], SERVER_TUN4, count=2).returncode == 0
-        clients.append(c)
+    api, base = start_api(workdir, owner, [(f"{t.links[0].server_ip4}:{PORT}", k.public)
+                                           for t, (k, _) in zip(topos, servers)])
+    try:
+        assert [s["public_key"] for s in call(base, "GET", "/v1/servers")[1]["servers"]] == \
+            [k.public for k, _ in servers]
+        # Devices registered through the API while the servers run: one per server, each connects.
+        devices = [vpn.genkeys() for _ in range(SERVERS)]
+        clients = []
+        for i, (topo, (skeys, _), dev) in enumerate(zip(topos, servers, devices)):
+            t0 = time.monotonic()
+            assert call(base, "POST", "/v1/devices", "alice", {"public_key": dev.public, "name": f"device {i}"}) \
+                == (201, {"public_key": dev.public, "name": f"device {i}"})
+            link = topo.links[0]
+            c = vpn.start_client(topo, topo.clients[0], workdir, dev, skeys.public, f"{link.server_ip4}:{PORT}",
+                                 name=f"client{i}")
+            vpn.wait_connected(topo, c, timeout=60, server=servers[i][1])
+            print(f"\nserver {i}: device registered (API) -> session up in {(time.monotonic() - t0) * 1000:.0f} ms")
+            assert vpn.ping(topo, topo.clients[0], SERVER_TUN4, count=2).returncode == 0
+            clients.append(c)
 
-    # The plan's limit holds across the fleet, at registration.
+        # The plan's limit holds across the fleet, at registration.
+        status, doc = call(base, "POST", "/v1/devices", "alice", {"public_key": vpn.genkeys().public})
+        assert status == 409 and "as many as plan 'trio' allows" in doc["error"], doc
+    finally:
+        api.terminate()
+        api.wait(10)
     r = admin(owner, "device", "add", "alice", vpn.genkeys().public, ok=False)
     assert r.returncode == 1 and r.stderr == ("vpnd: error: account 'alice' has 3 devices, as many as plan 'trio' "
                                               "allows; remove one first ('vpnd device remove')\n"), r.stderr

@@ -120,12 +120,18 @@ class World:
     """A server namespace running vpnd (most verbose; tests/e2e/vpnd_harness.py with its hooks) and a client namespace
     carrying every canary address on its veth."""
 
-    def __init__(self, topo: Topology, tmp: Path, reject_after: float | None = None):
+    def __init__(self, topo: Topology, tmp: Path, reject_after: float | None = None, registry: str | None = None,
+                 clients=None):
+        """`registry`: a registry URL whose account holds `clients` as devices (pg_registry): vpnd then
+        reads it (issue 14) instead of listing the clients in its config."""
         self.topo, self.tmp = topo, tmp
         self.server_key, self.server_pub = make_keys(1)[0]
-        self.clients = make_keys(len(CANARIES4) + len(CANARIES6))
+        self.clients = clients or make_keys(len(CANARIES4) + len(CANARIES6))
         self.sock = tmp / "vpnd.sock"
-        cfg = write_vpnd_config(tmp / "vpnd.toml", self.server_key, self.sock, self.clients)
+        listed, extra = self.clients, ""
+        if registry is not None:
+            listed, extra = [], f'accounts = "{registry}"\n'
+        cfg = write_vpnd_config(tmp / "vpnd.toml", self.server_key, self.sock, listed, extra)
         for c in CANARIES4:
             topo.add_address(topo.client, topo.link.client_if, f"{c}/24")
         for c in CANARIES6:
@@ -183,9 +189,36 @@ def world_factory(tmp_path):
         topo.close()
 
 
-def test_no_logs_audit(world_factory, tmp_path):
+def pg_registry(pg, clients) -> str:
+    """A registry in the suite's PostgreSQL holding `clients` as one account's devices; returns the
+    URL of a role that may only read it."""
+    from vpnd.registry import Plan, open_registry
+    name = f"audit_{os.getpid()}_{time.monotonic_ns()}"
+    pg.create_database(name)
+    reg = open_registry(pg.passfile_url("vpnd_admin", pg.password, name), create=True)
+    try:
+        reg.put_plan(Plan("audit", len(clients)))
+        reg.add_account("audit", "audit", "2026-01-01")
+        for _, pub in clients:
+            reg.add_device("audit", pub)
+        reader = f"reader_{name}"
+        pg.create_role(reader, "reader-pw", read_only=True, database=name)
+        reg.grant_reader(reader)
+    finally:
+        reg.close()
+    return pg.passfile_url(reader, "reader-pw", name)
+
+
+@pytest.mark.parametrize("engine", ["static", "postgresql"])
+def test_no_logs_audit(world_factory, tmp_path, engine, request):
+    """Also with the clients as devices in a PostgreSQL registry: its files and its server log are
+    among the files scanned (the suite's database lives outside this test's folder)."""
     start = time.time() - 1
-    w = world_factory()
+    registry, clients = None, None
+    if engine == "postgresql":
+        clients = make_keys(len(CANARIES4) + len(CANARIES6))
+        registry = pg_registry(request.getfixturevalue("postgres"), clients)
+    w = world_factory(registry=registry, clients=clients)
     result = w.drive(close=list(range(0, 60, 2)))
     assert result["established"] >= 50, result
     assert result["replies"] >= 50, result          # traffic really went through the tunnel

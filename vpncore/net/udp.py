@@ -5,6 +5,8 @@ sockets of one end by address family (UdpSet). The pump (pump.py) drives these."
 from __future__ import annotations
 
 import errno
+import ipaddress
+import re
 import socket
 import struct
 
@@ -16,6 +18,9 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
     """'198.18.0.1:51820', '[2001:2::1]:51820' or 'host:port' -> (host, port)."""
     if not isinstance(text, str) or ":" not in text:
@@ -24,8 +29,16 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
         host, sep, port = text[1:].partition("]:")
         if not sep:
             raise UserError(f"{what} must look like [2001:2::1]:51820")
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            raise UserError(f"{what} has no IPv6 address in its brackets; e.g. [2001:2::1]:51820") from None
     else:
         host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise UserError(f"{what}: write an IPv6 address in brackets, e.g. [2001:2::1]:51820")
+        if not _HOST.match(host):
+            raise UserError(f"{what} has no valid host name or IPv4 address before the port")
     try:
         p = int(port)
     except ValueError:

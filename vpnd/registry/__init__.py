@@ -32,6 +32,14 @@ DEVICE_NAME = re.compile(r"^[\w .'()+-]{1,64}$")
 STATUSES = ("active", "suspended")
 
 
+class NotFound(UserError):
+    """No such account (or device of it)."""
+
+
+class Conflict(UserError):
+    """The change clashes with what is there: a key registered already, a full device list."""
+
+
 class RegistryUnavailable(Exception):
     """The database cannot be reached now (a server keeps serving with what it last knew)."""
 

@@ -20,7 +20,7 @@ from psycopg import sql as pgsql
 
 from vpncore.cli import UserError
 
-from . import RegistryUnavailable
+from . import Conflict, RegistryUnavailable
 from .sql import SqlRegistry
 
 CHANNEL = "vpnd_registry"
@@ -107,8 +107,8 @@ class PostgresRegistry(SqlRegistry):
             return UserError(f"the registry's database refused this role ({_first_line(exc)}); servers read "
                              f"with a read-only role, changes need the owner's", 1)
         if isinstance(exc, psycopg.errors.UniqueViolation):
-            return UserError("that device key is already registered (to another account); each device "
-                             "belongs to one account", 1)
+            return Conflict("that device key is already registered (to another account); each device "
+                            "belongs to one account", 1)
         if isinstance(exc, psycopg.OperationalError):
             return RegistryUnavailable(_first_line(exc))
         return None

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 
 from vpncore.cli import UserError
 
-from . import STATUSES, Account, Plan, Snapshot, check_account_id, check_plan, DEFAULT_PLANS, DEVICE_NAME
+from . import (DEFAULT_PLANS, DEVICE_NAME, STATUSES, Account, Conflict, NotFound, Plan, Snapshot, check_account_id,
+               check_plan)
 
 SCHEMA_VERSION = 1
 DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
@@ -26,7 +27,7 @@ TABLES = ("meta", "plans", "accounts", "devices")
 
 
 def _no_account(aid: str) -> UserError:
-    return UserError(f"no account {aid!r}; see 'vpnd account list'", 1)
+    return NotFound(f"no account {aid!r}; see 'vpnd account list'", 1)
 
 
 class SqlRegistry:
@@ -146,10 +147,19 @@ class SqlRegistry:
         return Snapshot(generation, accounts, plans)
 
     def account(self, aid: str) -> Account:
+        """One account with its devices (NotFound if there is none)."""
         check_account_id(aid)
-        acct = self.snapshot().accounts.get(aid)
-        if acct is None:
-            raise _no_account(aid)
+        with self._tx() as cur:
+            cur.execute(self._q("SELECT id, plan, status, created_day FROM accounts WHERE id = ?"), (aid,))
+            row = cur.fetchone()
+            if row is None:
+                raise _no_account(aid)
+            acct = Account(row[0], row[1], row[2], [], str(row[3]))
+            cur.execute(self._q("SELECT public_key, name FROM devices WHERE account = ? ORDER BY public_key"), (aid,))
+            for key, name in cur.fetchall():
+                acct.devices.append(bytes(key))
+                if name is not None:
+                    acct.names[bytes(key)] = name
         return acct
 
     # --- changes (the admin commands and the device API) ---------------------------------------
@@ -180,7 +190,7 @@ class SqlRegistry:
             self._plan_row(cur, plan)
             cur.execute(self._q("SELECT 1 FROM accounts WHERE id = ?"), (aid,))
             if cur.fetchone() is not None:
-                raise UserError(f"account {aid!r} already exists", 1)
+                raise Conflict(f"account {aid!r} already exists", 1)
             cur.execute(self._q("INSERT INTO accounts (id, plan, status, created_day) VALUES (?, ?, 'active', ?)"),
                         (aid, plan, day))
 
@@ -219,14 +229,14 @@ class SqlRegistry:
             row = cur.fetchone()
             if row is not None:
                 where = "this account" if row[0] == aid else "another account"
-                raise UserError(f"that device key is already registered (to {where}); each device "
-                                f"belongs to one account", 1)
+                raise Conflict(f"that device key is already registered (to {where}); each device "
+                               f"belongs to one account", 1)
             cur.execute(self._q("SELECT count(*) FROM devices WHERE account = ?"), (aid,))
             have = int(cur.fetchone()[0])
             limit = int(self._plan_row(cur, plan)[0])
             if have >= limit:
-                raise UserError(f"account {aid!r} has {have} device{'s' if have != 1 else ''}, as many as plan "
-                                f"{plan!r} allows; remove one first ('vpnd device remove')", 1)
+                raise Conflict(f"account {aid!r} has {have} device{'s' if have != 1 else ''}, as many as plan "
+                               f"{plan!r} allows; remove one first ('vpnd device remove')", 1)
             cur.execute(self._q("INSERT INTO devices (public_key, account, name) VALUES (?, ?, ?)"),
                         (key, aid, name))
 
@@ -236,7 +246,7 @@ class SqlRegistry:
             self._account_row(cur, aid)
             cur.execute(self._q("DELETE FROM devices WHERE public_key = ? AND account = ?"), (key, aid))
             if cur.rowcount != 1:
-                raise UserError(f"account {aid!r} has no such device", 1)
+                raise NotFound(f"account {aid!r} has no such device", 1)
 
     def _put_plan(self, cur, plan: Plan) -> None:
         cur.execute(self._q("DELETE FROM plans WHERE name = ? AND NOT EXISTS "
