@@ -17,6 +17,7 @@
     block_server_networks = true        # clients may not reach the server's own/private networks
     blocked_networks = []               # more destinations clients may not reach
     memory_limit_mb = 512               # over this resident size: no new handshakes (counted)
+    metrics_listen = "127.0.0.1:9586"   # Prometheus text, aggregate counters only (optional, loopback)
 
     [plans.free]                        # plans; defaults: free (1 device), plus (5 devices)
     devices = 1
@@ -50,6 +51,7 @@ SERVER_KEYS = {"private_key", "private_key_file", "listen", "interface", "addres
                "memory_limit_mb"}
 SERVER_KEYS |= {"dns_forwarder", "dns_upstream"}     # issue 6: DNS forwarder (vpnd/dns.py)
 SERVER_KEYS |= {"full_tunnel"}                        # issue 12: full tunnel (vpnd/egress.py)
+SERVER_KEYS |= {"metrics_listen"}                     # issue 18: Prometheus text on loopback (vpnd/metrics.py)
 PLAN_KEYS = {"devices", "bandwidth_mbit", "new_flows_per_second"}
 # Options other servers have that would record per-connection data: refused by name, with the reason.
 NO_LOG_REFUSED = {"log_file", "logfile", "log_connections", "connection_log", "status_file", "status",
@@ -89,6 +91,7 @@ class ServerConfig:
     plans: dict = field(default_factory=lambda: dict(DEFAULT_PLANS))
     plans_given: tuple = ()                      # the plans the config file itself defines
     memory_limit_mb: int = 512
+    metrics_listen: tuple[str, int] | None = None
     log_level: int = 1
     control_socket: str = ""
     clients: list[ClientEntry] = field(default_factory=list)
@@ -240,6 +243,9 @@ def load(path: str) -> ServerConfig:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 64:
         raise UserError("server.memory_limit_mb must be a whole number of at least 64")
     cfg.memory_limit_mb = limit
+    if "metrics_listen" in srv:
+        from .metrics import listen_address
+        cfg.metrics_listen = listen_address(need(srv, "metrics_listen", str, "[server]"))
     level = srv.get("log_level", "info")
     if not isinstance(level, str) or level not in LEVELS:
         raise UserError(f"server.log_level must be one of {', '.join(LEVELS)}")

@@ -84,6 +84,9 @@ class Server:
         self.routes: dict[bytes, object] = {}      # packed tunnel address -> Peer
         self.counters: Counter[str] = Counter()
         self.sessions_started = 0
+        self.totals: Counter[str] = Counter()         # since start, all sessions together (metrics.py)
+        self.total_drops: Counter[str] = Counter()
+        self._metrics = None                          # the metrics listener, when metrics_listen is set
         self.tun = None
         self.socks: list[socket.socket] = []
         self.udps: UdpSet | None = None
@@ -131,6 +134,9 @@ class Server:
         for host, port in self.cfg.listen:
             socks.append(open_listener(host, port))
             self.socks = socks        # closed by close() on a failure from here on
+        if self.cfg.metrics_listen is not None:
+            from .metrics import open_listener as open_metrics
+            self._metrics = open_metrics(self.cfg.metrics_listen)
         if self.cfg.control_socket:
             self._listener = ctlsock.open_listener(self.cfg.control_socket, "vpnd",
                                                    "stop it first or set a different control_socket")
@@ -176,6 +182,9 @@ class Server:
         if self.dns is not None:
             self.dns.close()
             self.dns = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         for s in self.socks:
             s.close()
         self.socks = []
@@ -202,6 +211,9 @@ class Server:
                     nursery.start_soon(self._conntrack_loop)
                 if self.registry is not None:
                     nursery.start_soon(self._registry_loop)
+                if self._metrics is not None:
+                    from . import metrics
+                    nursery.start_soon(metrics.serve, self._metrics, self._metric_totals)
                 self.log.event("started")
                 task_status.started(self)
                 await self._stop.wait()
@@ -317,6 +329,9 @@ class Server:
         new, self._proto_seen = totals.since(self._proto_seen), totals
         self.stats.add_bytes(new.rx_bytes, new.tx_bytes)
         self.stats.add_drops(new.drops)
+        self.totals["bytes_in"] += new.rx_bytes
+        self.totals["bytes_out"] += new.tx_bytes
+        self.total_drops.update(new.drops)
         if self.pump is not None:
             now, seen = self.pump.statistics(), self._pump_seen
             for reason, a, b in (("internal-error", now.contained, seen.contained),
@@ -328,25 +343,41 @@ class Server:
                     self.counters[reason] += a - b
             self._pump_seen = now
         self.stats.add_drops(self.counters)
+        self.total_drops.update(self.counters)
         self.counters.clear()
         self.stats.add_account_bytes(self.policy.take_bytes())
 
-    def _control_request(self, line: str) -> dict:
+    def _active(self) -> int:
+        return sum(1 for p in self.proto.peers.values() if p.app is not None)
+
+    def _metric_totals(self) -> dict:
+        self._account()
+        return {"bytes_in": self.totals["bytes_in"], "bytes_out": self.totals["bytes_out"],
+                "sessions_started": self.sessions_started, "sessions_active": self._active(),
+                "drops": dict(self.total_drops), "dns": self.dns.statistics() if self.dns is not None else {}}
+
+    async def _stats(self) -> dict:
+        """`vpnd stats`: nftables' counters are read in a worker thread, never on the packet loops'."""
+        egress = await trio.to_thread.run_sync(self.egress.counters)
+        self._account()
+        for name, packets in egress.items():   # kernel counters are cumulative
+            seen = self._egress_seen.get(name, 0)
+            if packets > seen:
+                self.stats.today().drops[f"egress-{name}"] += packets - seen
+                self._egress_seen[name] = packets
+        snap = self.stats.snapshot(active=self._active())
+        if self.dns is not None:
+            snap["dns"] = self.dns.statistics()     # counts only: no names, no addresses
+        return snap
+
+    def _control_request(self, line: str):
+        """A control request's answer: a dict, or an awaitable of one (ctlsock.serve awaits it)."""
         cmd = line.partition(" ")[0]
         if cmd == "reload":
             self._registry_wait.cancel()      # the registry loop reads it again now
             return {"ok": True}
         if cmd == "stats":
-            self._account()
-            for name, packets in self.egress.counters().items():   # kernel counters are cumulative
-                seen = self._egress_seen.get(name, 0)
-                if packets > seen:
-                    self.stats.today().drops[f"egress-{name}"] += packets - seen
-                    self._egress_seen[name] = packets
-            snap = self.stats.snapshot(active=sum(1 for p in self.proto.peers.values() if p.app is not None))
-            if self.dns is not None:
-                snap["dns"] = self.dns.statistics()     # counts only: no names, no addresses
-            return snap
+            return self._stats()
         return {"error": f"unknown command {cmd[:40]!r}; use stats"}
 
     # --- events and policy --------------------------------------------------------

@@ -8,6 +8,7 @@ connection: a line of text in, one line of JSON out.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import socket
@@ -57,22 +58,31 @@ def remove(path: str) -> None:
         pass
 
 
+async def recv_until(conn, done, limit: int) -> bytes:
+    """Read from a Trio socket until `done(data)`, the peer's end, or `limit` bytes."""
+    data = b""
+    while not done(data) and len(data) < limit:
+        chunk = await conn.recv(limit)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 async def serve(listener, handle) -> None:
-    """Answer requests forever: `handle(line) -> dict` (sync; never blocks)."""
+    """Answer requests forever: `handle(line)` returns a dict, or an awaitable of one (for an
+    answer that needs a worker thread); it never blocks."""
     with listener:
         while True:
             conn, _ = await listener.accept()
             with conn:
                 try:
                     with trio.move_on_after(2):
-                        data = b""
-                        while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
-                            chunk = await conn.recv(MAX_REQUEST)
-                            if not chunk:
-                                break
-                            data += chunk
+                        data = await recv_until(conn, lambda d: d.endswith(b"\n"), MAX_REQUEST)
                         try:
                             answer = handle(data.decode("utf-8", "replace").strip())
+                            if inspect.isawaitable(answer):
+                                answer = await answer
                         except UserError as exc:
                             answer = {"error": str(exc)}
                         await conn.send(json.dumps(answer).encode() + b"\n")
