@@ -96,6 +96,12 @@ def admin(url: str, *argv: str, ok: bool = True) -> subprocess.CompletedProcess:
 
 
 def test_three_servers_one_postgresql_registry(fleet):
+    run_fleet(fleet)
+
+
+def run_fleet(fleet) -> dict:
+    """The scenario (also run by tests/soak/test_timing_soak.py, which holds it to 1 s); returns
+    the measured figures."""
     pg, topos, workdir = fleet
     owner = pg.passfile_url("vpnd_admin", pg.password, "fleet")
     reader = pg.passfile_url("vpnd_reader", "reader-pw", "fleet")
@@ -173,8 +179,8 @@ def test_three_servers_one_postgresql_registry(fleet):
     assert sorted(exited) == list(range(SERVERS)), {c.name: c.log_tail() for c in clients}
     for i, c in enumerate(clients):
         assert c.proc.returncode == 1 and REFUSED + "account suspended" in c.log.read_text(), c.log_tail()
-    print("suspension -> client cut off: " + ", ".join(f"server {i} {max(0.0, exited[i] - t_done) * 1000:.0f} ms"
-                                                        for i in sorted(exited)))
+    suspension_ms = [max(0.0, exited[i] - t_done) * 1000 for i in sorted(exited)]
+    print("suspension -> client cut off: " + ", ".join(f"server {i} {ms:.0f} ms" for i, ms in enumerate(suspension_ms)))
 
     # Resume and remove while a server's database link is down at the time of the change: it
     # catches up when it is back (here: the whole database restarts between the changes).
@@ -200,3 +206,4 @@ def test_three_servers_one_postgresql_registry(fleet):
     for topo in topos:
         for ip in (topo.links[0].client_ip4, topo.links[0].client_ip6):
             assert ip not in log and ip.encode() not in stored, ip
+    return {"suspension_ms": suspension_ms}

@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e import test_resilience as R
 
-topos, workdir = R.topos, R.workdir          # the fixtures
+topos = R.topos                              # the fixtures (workdir: tests/conftest.py)
 
 pytestmark = pytest.mark.netns
 

@@ -27,7 +27,7 @@ from tests.e2e.test_attacks import (
 
 pytestmark = pytest.mark.netns
 
-net1, workdir = A.net1, A.workdir          # the bandwidth cap's fixtures
+net1 = A.net1                              # the bandwidth cap's fixture (workdir: tests/conftest.py)
 
 MEMORY_LIMIT_MB = 96
 

@@ -14,7 +14,9 @@ those modules export, not a copy):
 - one client, server restart (test_tunnel): the client's ping within 10 s of the restart;
 - spoofed inner sources (test_tunnel): at least 10 of the 20 genuine datagrams arrive;
 - failover (test_leaks): TCP through the second server within 10 s of the first's kill -9, and back
-  through the first within 10 s of the second's SIGTERM.
+  through the first within 10 s of the second's SIGTERM;
+- a fleet of three servers on one PostgreSQL (test_fleet): a suspension cuts the account's client
+  off on every server within 1 s of the admin command's return (issue 14).
 
 The path MTU limits (no stall, no gap over 1 s) are in test_resilience_soak.py.
 """
@@ -26,12 +28,13 @@ import json
 import pytest
 
 from tests.e2e import conftest as E
+from tests.e2e import test_fleet as F
 from tests.e2e import test_leaks as L
 from tests.e2e import test_resilience as R
 from tests.e2e import test_tunnel as T
 
-topos, workdir = R.topos, R.workdir          # the fixtures
-topology, one, net2 = E.topology, T.one, L.net2
+topos = R.topos                              # the fixtures (workdir: tests/conftest.py)
+topology, one, net2, fleet = E.topology, T.one, L.net2, F.fleet
 
 pytestmark = pytest.mark.netns
 
@@ -93,3 +96,8 @@ def test_failover_within_10s(net2, tmp_path):
     show("soak-failover", f)
     assert f["failover_after_kill_s"] < FAILOVER_S, f"TCP through the second server only {f} later"
     assert f["back_after_stop_s"] < FAILOVER_S, f"TCP back through the first only {f} later"
+
+
+def test_fleet_suspension_within_1s(fleet):
+    figures = F.run_fleet(fleet)
+    assert max(figures["suspension_ms"]) < 1000, figures
