@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from .log import ERR, journal_prefix
+
 
 class UserError(Exception):
     def __init__(self, message: str, status: int = 2):
@@ -21,7 +23,7 @@ def run_cli(main, argv=None, prog: str = "") -> int:
     try:
         return main(argv) or 0
     except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{journal_prefix(sys.stderr, ERR)}{prog}: error: {exc}", file=sys.stderr)
         return exc.status
     except BaseExceptionGroup as group:  # raised from inside a Trio nursery
         match, _ = group.split(UserError)
@@ -30,7 +32,7 @@ def run_cli(main, argv=None, prog: str = "") -> int:
             report_crash(prog, group)
             return 70
         exc = _first_leaf(match)
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{journal_prefix(sys.stderr, ERR)}{prog}: error: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
         return 130

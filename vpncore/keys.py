@@ -11,6 +11,7 @@ from nacl.utils import random
 
 from .cli import UserError
 from .configfile import encode_key, parse_key
+from .log import WARNING, journal_prefix
 
 
 def genkey() -> str:
@@ -34,7 +35,7 @@ def warn_if_stdout_exposed(prog: str) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
-        print(f"{prog}: warning: the private key is written to a file others can read; "
+        print(f"{journal_prefix(sys.stderr, WARNING)}{prog}: warning: the private key is written to a file others can read; "
               f"run 'umask 077' first or chmod 600 the file", file=sys.stderr, flush=True)
 
 

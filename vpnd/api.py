@@ -280,6 +280,8 @@ def serve(path: str) -> int:
 
     import trio
     from hypercorn.config import Config
+
+    from vpncore.log import NOTICE, journal_prefix
     from hypercorn.trio import serve as hypercorn_serve
 
     cfg = load_config(path)
@@ -308,7 +310,7 @@ def serve(path: str) -> int:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(signals)
-            print("vpnd: device API serving (the [api] listen address)", file=sys.stderr, flush=True)
+            print(f"{journal_prefix(sys.stderr, NOTICE)}vpnd: device API serving (the [api] listen address)", file=sys.stderr, flush=True)
             await hypercorn_serve(api.app(), hc, shutdown_trigger=stop.wait)
             nursery.cancel_scope.cancel()
 

@@ -37,6 +37,7 @@ from shutil import which
 
 from vpncore.net.links import attached_networks
 from vpncore.cli import UserError
+from vpncore.log import WARNING, journal_prefix
 
 PRIVATE = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
            "127.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128"]
@@ -345,7 +346,7 @@ class Egress:
                                 f"'iptables -A FORWARD -o {self.tun} -j ACCEPT'", 1)
             for v, drop in legacy.items():
                 if drop is None:
-                    print(f"vpnd: warning: legacy ip{'6' if v == 6 else ''}tables rules are loaded but "
+                    print(f"{journal_prefix(sys.stderr, WARNING)}vpnd: warning: legacy ip{'6' if v == 6 else ''}tables rules are loaded but "
                           f"{LEGACY[v][0]} is missing, so vpnd cannot tell whether they drop the tunnel's "
                           f"forwarded traffic; install iptables", file=sys.stderr, flush=True)
                 elif drop:
