@@ -194,6 +194,8 @@ class Server:
         if self.tun is not None:
             self.tun.close()   # the kernel removes the device, its addresses and routes
             self.tun = None
+        if self.registry is not None:
+            self.registry.close()
 
     # --- the loops --------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -67,6 +67,23 @@ def test_metrics_move_with_traffic_and_carry_no_identity(workdir, topology):
                  f"import socket; s = socket.socket(); s.settimeout(2); print(s.connect_ex(('{link.server_ip4}', 9586)))",
                  check=False)
     assert r.stdout.strip() != "0", "the metrics endpoint answered on a non-loopback address"
+    # `vpnd stats` in a loop while pings cross every 10 ms: the longest round trip is reported
+    # (the stats calls read nftables' counters off the packet loops' thread, asserted in-process below).
+    result = {}
+    pinger = threading.Thread(target=lambda: result.setdefault(
+        "ping", vpn.ping(topo, topo.clients[0], SERVER_TUN4, count=200, interval=0.01)))
+    pinger.start()
+    calls = 0
+    while pinger.is_alive() and calls < 200:
+        r = topo.run(topo.server, vpn.VPND, "stats", "--socket", str(server.config.with_suffix(".sock")), "--json",
+                     check=False)
+        assert r.returncode == 0, r.stderr
+        calls += 1
+    pinger.join(60)
+    out = result["ping"].stdout
+    assert result["ping"].returncode == 0, out
+    rtt = re.search(r"= [\d.]+/[\d.]+/([\d.]+)/", out)
+    print(f"{calls} 'vpnd stats' calls during 200 pings at 10 ms: longest round trip {rtt.group(1)} ms")
     vpn.stop(topo, client)
     vpn.stop(topo, server)
 
