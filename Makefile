@@ -1,8 +1,8 @@
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump conntrack iptables postgresql
-SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump conntrack iptables pg_ctlcluster
+SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump conntrack iptables postgresql wireguard-go wireguard-tools
+SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump conntrack iptables pg_ctlcluster wireguard-go wg
 
 .PHONY: all deps-system venv test soak demo clean deps-bench bench bench-quick
 

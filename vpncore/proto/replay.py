@@ -14,11 +14,15 @@ _MASK = (1 << REPLAY_WINDOW) - 1
 
 
 class ReplayWindow:
-    __slots__ = ("top", "bits")
+    """`size` counters below the highest accepted are remembered (REPLAY_WINDOW unless told)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("top", "bits", "size", "_mask")
+
+    def __init__(self, size: int = REPLAY_WINDOW) -> None:
         self.top = 0    # one past the highest counter accepted so far
         self.bits = 0
+        self.size = size
+        self._mask = _MASK if size == REPLAY_WINDOW else (1 << size) - 1
 
     def check(self, counter: int) -> bool:
         """True if `counter` could be accepted (not too old, not seen); changes nothing."""
@@ -27,7 +31,7 @@ class ReplayWindow:
         if counter >= self.top:
             return True
         off = self.top - 1 - counter
-        return off < REPLAY_WINDOW and not (self.bits >> off) & 1
+        return off < self.size and not (self.bits >> off) & 1
 
     def update(self, counter: int) -> bool:
         """Record `counter`; False (and nothing recorded) if it is a replay or too old."""
@@ -36,11 +40,11 @@ class ReplayWindow:
         top = self.top
         if counter >= top:
             shift = counter - top + 1
-            self.bits = ((self.bits << shift) | 1) & _MASK if shift < REPLAY_WINDOW else 1
+            self.bits = ((self.bits << shift) | 1) & self._mask if shift < self.size else 1
             self.top = counter + 1
             return True
         off = top - 1 - counter
-        if off >= REPLAY_WINDOW:
+        if off >= self.size:
             return False
         bit = 1 << off
         if self.bits & bit:
