@@ -1,8 +1,8 @@
 VENV ?= .venv
 PY = $(VENV)/bin/python
 
-SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump conntrack iptables postgresql wireguard-go wireguard-tools
-SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump conntrack iptables pg_ctlcluster wireguard-go wg
+SYSTEM_PACKAGES = iproute2 iputils-ping iperf3 nftables procps python3-venv tcpdump conntrack iptables postgresql wireguard-go wireguard-tools systemd strace util-linux
+SYSTEM_COMMANDS = ping iperf3 nft ip sysctl tcpdump conntrack iptables pg_ctlcluster wireguard-go wg systemd-analyze strace setpriv
 
 .PHONY: all deps-system venv test soak demo clean deps-bench bench bench-quick
 
@@ -100,6 +100,8 @@ INSTALL_PYTHON ?= /usr/bin/python3
 PIP_INSTALL_ARGS ?=
 DOC_TOOLS ?= argparse-manpage shtab
 SYSTEM_USER ?= vpnd
+# the user of vpnclient@.service
+CLIENT_USER ?= vpnclient
 UNINSTALL_USER ?=
 UNITS = vpnd.service vpnclient@.service
 # The venv at its location during the install (under DESTDIR), and where it is built first.
@@ -170,13 +172,14 @@ install-units: install-check
 	done
 
 # The directories are made only when missing (an operator's modes and owners stay): /etc/vpnd 0750
-# group vpnd, /etc/vpnclient 0700. The examples are always refreshed; vpnd.toml and vpn0.toml are the
+# group vpnd, /etc/vpnclient 0750 group vpnclient (the units' users read them). The examples are always refreshed; vpnd.toml and vpn0.toml are the
 # operator's and never written. A copy of each example in the venv tells uninstall whether the
 # operator changed it (even when this checkout has a newer one by then).
 install-config: install-check install-user install-venv
 	if [ ! -d "$(DESTDIR)$(SYSCONFDIR)/vpnd" ]; then install -d -m 0750 "$(DESTDIR)$(SYSCONFDIR)/vpnd" && \
 		if [ -z "$(DESTDIR)" ] && getent group $(SYSTEM_USER) >/dev/null; then chgrp $(SYSTEM_USER) "$(SYSCONFDIR)/vpnd"; fi; fi
-	[ -d "$(DESTDIR)$(SYSCONFDIR)/vpnclient" ] || install -d -m 0700 "$(DESTDIR)$(SYSCONFDIR)/vpnclient"
+	if [ ! -d "$(DESTDIR)$(SYSCONFDIR)/vpnclient" ]; then install -d -m 0750 "$(DESTDIR)$(SYSCONFDIR)/vpnclient" && \
+		if [ -z "$(DESTDIR)" ] && getent group $(CLIENT_USER) >/dev/null; then chgrp $(CLIENT_USER) "$(SYSCONFDIR)/vpnclient"; fi; fi
 	install -m 0644 packaging/vpnd.example.toml "$(DESTDIR)$(SYSCONFDIR)/vpnd/vpnd.example.toml"
 	install -m 0644 packaging/vpnclient.example.toml "$(DESTDIR)$(SYSCONFDIR)/vpnclient/vpnclient.example.toml"
 	install -d -m 0755 "$(DESTDIR)$(VENVDIR)/share/vpncore"
@@ -195,12 +198,14 @@ install-docs: install-venv
 	install -m 0644 README.md LICENSE "$(DESTDIR)$(DOCDIR)/"
 
 install-user: install-check
-	@if [ -n "$(DESTDIR)" ]; then echo "install: DESTDIR is set: not creating the system user $(SYSTEM_USER)"; \
-	elif ! getent passwd $(SYSTEM_USER) >/dev/null; then \
-		echo "useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(SYSTEM_USER)"; \
-		useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
-			--comment "vpnd VPN server" $(SYSTEM_USER); \
-	fi
+	@for u in $(SYSTEM_USER) $(CLIENT_USER); do \
+		if [ -n "$(DESTDIR)" ]; then echo "install: DESTDIR is set: not creating the system user $$u"; \
+		elif ! getent passwd $$u >/dev/null; then \
+			echo "useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $$u"; \
+			useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+				--comment "$$u (vpncore)" $$u; \
+		fi; \
+	done
 
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then echo "uninstall: needs root; or DESTDIR=/some/dir" >&2; exit 1; fi
@@ -233,10 +238,10 @@ uninstall:
 	for v in "$(DESTDIR)$(VENVDIR)" "$(VENV_BUILD)" "$(DESTDIR)$(VENVDIR).old"; do \
 		if [ -f "$$v/pyvenv.cfg" ]; then rm -rf "$$v"; elif [ -e "$$v" ]; then echo "uninstall: keeping $$v: not a venv"; fi; \
 	done
-	@if [ "$(UNINSTALL_USER)" = 1 ]; then \
-		if [ -n "$(DESTDIR)" ]; then echo "uninstall: DESTDIR is set: not removing the system user $(SYSTEM_USER)"; \
-		elif getent passwd $(SYSTEM_USER) >/dev/null; then echo "userdel $(SYSTEM_USER)"; userdel $(SYSTEM_USER); fi; \
-	fi
+	@if [ "$(UNINSTALL_USER)" = 1 ]; then for u in $(SYSTEM_USER) $(CLIENT_USER); do \
+		if [ -n "$(DESTDIR)" ]; then echo "uninstall: DESTDIR is set: not removing the system user $$u"; \
+		elif getent passwd $$u >/dev/null; then echo "userdel $$u"; userdel $$u; fi; \
+	done; fi
 	@if [ -n "$(DESTDIR)" ] && [ -d "$(DESTDIR)" ]; then cd "$(DESTDIR)" && \
 		for d in $(patsubst /%,%,$(INSTALL_DIRS)); do \
 			while [ "$$d" != . ] && [ "$$d" != / ] && { [ ! -e "$$d" ] || rmdir "$$d" 2>/dev/null; }; do d=$$(dirname "$$d"); done; \

@@ -395,3 +395,21 @@ def test_vpnd_serve_with_an_unreachable_registry_is_one_line(workdir):
     assert lines[0].startswith("vpnd: error: cannot reach the accounts registry (") and \
         "check that the database runs" in lines[0], r.stderr
     assert not (workdir / "s.sock").exists()
+
+
+def test_sqlite_file_made_by_root_belongs_to_its_directory_owner(workdir):
+    """`vpnd account add` as root in the service's StateDirectory (owned by user vpnd): the new
+    registry is the service user's, so the server running as that user can open it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a file for another user")
+    state = workdir / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    r = open_registry(f"sqlite://{state}/accounts.db")
+    try:
+        r.add_account("alice", "free", DAY)
+        for f in r.files():
+            st = os.stat(f)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o600), f
+    finally:
+        r.close()

@@ -1,4 +1,4 @@
-"""vpnclient command line: genkey, genpsk, pubkey, up, status, down, locations, bypass."""
+"""vpnclient command line: genkey, genpsk, pubkey, register, up, status, down, locations, bypass."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 import sys
 
 from vpncore.keys import genkey, genpsk, pubkey_from_stdin, warn_if_stdout_exposed
-from vpncore.version import version
+from vpncore.version import add_version_argument
 from vpncore.cli import UserError, run_cli
 
 from .config import DEFAULT_CONFIG
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="The VPN client.", epilog=CHOICES + "\n\n" + EXIT_CODES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
-    p.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    add_version_argument(p, PROG)
     sub.add_parser("genkey", help="print a new private key")
     sub.add_parser("genpsk", help="print a new random preshared key")
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
@@ -142,8 +142,10 @@ def up(args) -> int:
 
     cfg = load(args.config)
     chosen = locations.select(cfg.servers, args.location)
-    if os.geteuid() != 0:
-        raise UserError("vpnclient up needs root (it creates a TUN device); run it with sudo or as root", 1)
+    from vpncore.sdnotify import has_net_admin
+    if not has_net_admin():        # root, or a user with it in the ambient set (the systemd unit)
+        raise UserError("vpnclient up needs CAP_NET_ADMIN (it creates a TUN device): run it as root (sudo) "
+                        "or with AmbientCapabilities=CAP_NET_ADMIN", 1)
     if _running(cfg.control_socket):
         raise UserError(f"another vpnclient is already running with control socket {cfg.control_socket}; "
                         f"stop it with 'vpnclient down' or set a different control_socket", 1)
@@ -233,7 +235,8 @@ def format_status(st: dict) -> str:
 def status(args) -> int:
     from .client import query
     answer = query(_socket_path(args), "status")
-    if answer.get("kill_switch") and os.geteuid() == 0:
+    from vpncore.sdnotify import has_net_admin
+    if answer.get("kill_switch") and has_net_admin():     # nft lists the counter only with it
         from . import killswitch
         try:
             answer["kill_switch_blocked"] = killswitch.blocked_packets()

@@ -13,6 +13,7 @@ from functools import partial
 
 import trio
 
+from vpncore import sdnotify
 from vpncore.log import Log
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
@@ -168,6 +169,7 @@ class Client:
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            sdnotify.stopping()
             self.conn.close(time.monotonic(), "client disconnected")
             self._flush()
             self._remove_control_socket()
@@ -201,11 +203,15 @@ class Client:
     async def _timer_loop(self) -> None:
         """The connection's timers when due (conn.get_timer); failover and re-binding every TICK."""
         policy_at = time.monotonic() + TICK
+        ping_every, ping_at = sdnotify.watchdog_interval(), 0.0    # systemd's WatchdogSec=, if set
         while True:
             due = self.conn.get_timer()
             wake = policy_at if due is None else min(due, policy_at)
             await trio.sleep(max(TIMER_SLACK, wake - time.monotonic()))
             now = time.monotonic()
+            if ping_every is not None and now >= ping_at:
+                ping_at = now + ping_every
+                sdnotify.watchdog()
             self.conn.handle_timer(now)
             self._handle_events()
             self._flush()
@@ -281,6 +287,8 @@ class Client:
                         self.out(line)
                     for line in self.guard.route(self.applied.ifname, self.applied.routes, self.applied.addresses):
                         self.out(line)
+                if applied:          # systemd (Type=notify): configured, DNS and routing in place
+                    sdnotify.ready("connected")
             elif isinstance(ev, LossReported):
                 self.side.link.loss_report(ev.done, ev.lost, ev.repaired)
             elif isinstance(ev, ServerClosed):

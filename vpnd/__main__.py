@@ -1,4 +1,4 @@
-"""vpnd command line: genkey, genpsk, pubkey, serve, stats, api, account, device, plan, registry."""
+"""vpnd command line: genkey, genpsk, pubkey, serve, check, stats, api, account, device, plan, registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 
 from vpncore.keys import genkey, genpsk, pubkey_from_stdin, warn_if_stdout_exposed
-from vpncore.version import version
+from vpncore.version import add_version_argument
 from vpncore.cli import UserError, run_cli
 
 PROG = "vpnd"
@@ -21,12 +21,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="The VPN server daemon. Keeps no logs: sessions live in memory only.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
-    p.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    add_version_argument(p, PROG)
     sub.add_parser("genkey", help="print a new private key")
     sub.add_parser("genpsk", help="print a new random preshared key")
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
     s = sub.add_parser("serve", help="run the server in the foreground")
     s.add_argument("--config", "-c", required=True, metavar="FILE", help="server configuration (TOML)")
+    ck = sub.add_parser("check", help="validate a server configuration as serve would, without starting")
+    ck.add_argument("--config", "-c", required=True, metavar="FILE", help="server configuration (TOML)")
     st = sub.add_parser("stats", help="aggregate statistics per UTC day (no per-connection figures exist)")
     g = st.add_mutually_exclusive_group()
     g.add_argument("--config", "-c", metavar="FILE", help="find the control socket from this config")
@@ -103,20 +105,36 @@ def serve(path: str, make_server=None) -> int:
     from .server import Server
 
     cfg = load(path)
-    if os.geteuid() != 0:
-        raise UserError("vpnd serve needs root (it creates a TUN device); run it with sudo or as root", 1)
+    from vpncore.sdnotify import has_net_admin
+    if not has_net_admin():        # root, or a user with it in the ambient set (the systemd unit)
+        raise UserError("vpnd serve needs CAP_NET_ADMIN (it creates a TUN device): run it as root (sudo) "
+                        "or with AmbientCapabilities=CAP_NET_ADMIN", 1)
     from .egress import egress_interfaces
     cfg.egress_by_family = egress_interfaces(cfg)      # before anything is set up: a config error is exit 2
+    from vpncore.log import WARNING, journal_prefix
+
     from .harden import harden
     log = Log(PROG, cfg.log_level)
     for warning in harden():
-        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+        print(f"{journal_prefix(sys.stderr, WARNING)}{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     server = (make_server or Server)(cfg, log)
     try:
         server.open()
         trio.run(server.run)
     except TunError as exc:
         raise UserError(str(exc), 1) from None
+    return 0
+
+
+def check(path: str) -> int:
+    """`vpnd check`: load and validate the config exactly as serve does before it opens anything
+    (the egress interface too; no root needed); one line and exit 2 on a mistake."""
+    from .config import load
+    from .egress import egress_interfaces
+
+    cfg = load(path)
+    cfg.egress_by_family = egress_interfaces(cfg)
+    print(f"{PROG}: config OK")
     return 0
 
 
@@ -165,6 +183,8 @@ def main(argv=None) -> int:
         print(pubkey_from_stdin())
     elif args.cmd == "serve":
         return serve(args.config)
+    elif args.cmd == "check":
+        return check(args.config)
     elif args.cmd == "stats":
         return stats(args)
     elif args.cmd == "api":

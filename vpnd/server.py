@@ -16,6 +16,7 @@ from collections import Counter
 import trio
 
 from vpncore.log import Log
+from vpncore import sdnotify
 from vpncore.net import ctlsock
 from vpncore.net import tun as tunlib
 from vpncore.proto.loss import tun_gso_max_size
@@ -217,10 +218,12 @@ class Server:
                     from . import metrics
                     nursery.start_soon(metrics.serve, self._metrics, self._metric_totals)
                 self.log.event("started")
+                sdnotify.ready("serving")     # systemd (Type=notify): the TUN and sockets are up
                 task_status.started(self)
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            sdnotify.stopping()
             self.proto.close_all(time.monotonic())
             self._flush()
             self.close()
@@ -240,11 +243,15 @@ class Server:
         """The protocol's timers when they are due (proto.get_timer), and vpnd's own policy every
         TICK: the initiation rate behind "under load", the memory limit, the registry, accounting."""
         policy_at = time.monotonic() + TICK
+        ping_every, ping_at = sdnotify.watchdog_interval(), 0.0    # systemd's WatchdogSec=, if set
         while True:
             due = self.proto.get_timer()
             wake = policy_at if due is None else min(due, policy_at)
             await trio.sleep(max(TIMER_COALESCE, wake - time.monotonic()))
             now = time.monotonic()
+            if ping_every is not None and now >= ping_at:
+                ping_at = now + ping_every
+                sdnotify.watchdog()
             if now < policy_at:
                 self.proto.handle_timer(now)
                 self._handle_events(now)

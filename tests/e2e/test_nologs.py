@@ -210,7 +210,7 @@ def pg_registry(pg, clients) -> str:
 
 
 @pytest.mark.parametrize("engine", ["static", "postgresql"])
-def test_no_logs_audit(world_factory, tmp_path, engine, request):
+def test_no_logs_audit(world_factory, tmp_path, tmp_path_factory, engine, request):
     """Also with the clients as devices in a PostgreSQL registry: its files and its server log are
     among the files scanned (the suite's database lives outside this test's folder)."""
     start = time.time() - 1
@@ -235,7 +235,8 @@ def test_no_logs_audit(world_factory, tmp_path, engine, request):
     plant = Path(f"/var/tmp/vpn-audit-plant-{os.getpid()}")
     plant.write_bytes(b"junk" + ipaddress.ip_address(CANARIES4[7]).packed + b"junk")
     try:
-        files = modified_files(start, exclude=[str(tmp_path), str(REPO / ".git")])
+        # (the other tests' own folders under pytest's base directory hold their canaries on purpose)
+        files = modified_files(start, exclude=[str(tmp_path_factory.getbasetemp()), str(REPO / ".git")])
         assert str(plant) in files
         hits = scan_files(files, canaries)
         assert hits.pop(str(plant)) == [CANARIES4[7]]

@@ -27,14 +27,13 @@ import json
 
 import pytest
 
-from tests.e2e import conftest as E
 from tests.e2e import test_fleet as F
 from tests.e2e import test_leaks as L
 from tests.e2e import test_resilience as R
 from tests.e2e import test_tunnel as T
 
 topos = R.topos                              # the fixtures (workdir: tests/conftest.py)
-topology, one, net2, fleet = E.topology, T.one, L.net2, F.fleet
+one, net2, fleet = T.one, L.net2, F.fleet           # (topology, workdir: tests/conftest.py)
 
 pytestmark = pytest.mark.netns
 

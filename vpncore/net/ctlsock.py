@@ -20,8 +20,9 @@ from ..cli import UserError
 MAX_REQUEST = 65536
 
 
-def open_listener(path: str, prog: str, stop_hint: str) -> trio.socket.SocketType:
-    """Bind `path`; refuse if another live process answers there, replace a stale socket."""
+def open_listener(path: str, prog: str, stop_hint: str) -> socket.socket:
+    """Bind `path`; refuse if another live process answers there, replace a stale socket. A plain
+    socket (closing it needs no Trio run: a start that fails later closes it outside one)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -48,7 +49,8 @@ def open_listener(path: str, prog: str, stop_hint: str) -> trio.socket.SocketTyp
     finally:
         os.umask(old)
     sock.listen(16)
-    return trio.socket.from_stdlib_socket(sock)
+    sock.setblocking(False)
+    return sock
 
 
 def remove(path: str) -> None:
@@ -72,6 +74,7 @@ async def recv_until(conn, done, limit: int) -> bytes:
 async def serve(listener, handle) -> None:
     """Answer requests forever: `handle(line)` returns a dict, or an awaitable of one (for an
     answer that needs a worker thread); it never blocks."""
+    listener = trio.socket.from_stdlib_socket(listener)
     with listener:
         while True:
             conn, _ = await listener.accept()

@@ -53,6 +53,7 @@ class SqliteRegistry(SqlRegistry):
                                 f"'vpnd registry init --registry sqlite://{path}'", 1)
             try:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                _owner_of_directory(path)
             except FileNotFoundError:
                 raise UserError(f"the directory of the accounts registry {path!r} does not exist; create it",
                                 1) from None
@@ -128,3 +129,14 @@ class SqliteRegistry(SqlRegistry):
     def grant_reader(self, role: str) -> None:
         from vpncore.cli import UserError
         raise UserError("--reader is for PostgreSQL; a SQLite registry is read by the server on the same host")
+
+
+def _owner_of_directory(path: str) -> None:
+    """A registry that root creates (an admin command) belongs to its directory's owner: the
+    service user of StateDirectory=vpnd, which must open it (SQLite gives its -wal and -shm files
+    the database file's owner when it runs as root)."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(os.path.dirname(path) or ".")
+    if st.st_uid != 0:
+        os.chown(path, st.st_uid, st.st_gid)
