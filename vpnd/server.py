@@ -114,8 +114,8 @@ class Server:
         """The accounts registry, at start (blocking is fine here): unreachable is exit 1."""
         try:
             registry = open_registry(cfg.accounts)
-            if cfg.plans_given and registry.engine == "sqlite" and registry.put_plans(cfg.plans_given):
-                pass       # a server on its own: the config's [plans] are the registry's
+            if cfg.plans_given and registry.engine == "sqlite":
+                registry.put_plans(cfg.plans_given)    # a server on its own: the config's [plans] are the registry's
             return registry
         except RegistryUnavailable as exc:
             raise UserError(f"cannot reach the accounts registry ({exc}); check that the database runs and "

@@ -249,17 +249,12 @@ class SqlRegistry:
                 raise NotFound(f"account {aid!r} has no such device", 1)
 
     def _put_plan(self, cur, plan: Plan) -> None:
-        cur.execute(self._q("DELETE FROM plans WHERE name = ? AND NOT EXISTS "
-                            "(SELECT 1 FROM accounts WHERE plan = ?)"), (plan.name, plan.name))
-        cur.execute(self._q("SELECT 1 FROM plans WHERE name = ?"), (plan.name,))
-        if cur.fetchone() is None:
-            cur.execute(self._q("INSERT INTO plans (name, devices, bandwidth_mbit, new_flows_per_second) "
-                                "VALUES (?, ?, ?, ?)"),
-                        (plan.name, plan.devices, float(plan.bandwidth_mbit), plan.new_flows_per_second))
-        else:
-            cur.execute(self._q("UPDATE plans SET devices = ?, bandwidth_mbit = ?, new_flows_per_second = ? "
-                                "WHERE name = ?"),
-                        (plan.devices, float(plan.bandwidth_mbit), plan.new_flows_per_second, plan.name))
+        values = (plan.devices, float(plan.bandwidth_mbit), plan.new_flows_per_second, plan.name)
+        cur.execute(self._q("UPDATE plans SET devices = ?, bandwidth_mbit = ?, new_flows_per_second = ? "
+                            "WHERE name = ?"), values)
+        if cur.rowcount == 0:
+            cur.execute(self._q("INSERT INTO plans (devices, bandwidth_mbit, new_flows_per_second, name) "
+                                "VALUES (?, ?, ?, ?)"), values)
 
     def put_plan(self, plan: Plan) -> None:
         check_plan(plan)
@@ -270,7 +265,8 @@ class SqlRegistry:
         """Make the registry's plans include `plans` (a server config's [plans]); True if it changed."""
         for plan in plans:
             check_plan(plan)
-        if all(self.snapshot().plans.get(p.name) == p for p in plans):
+        have = self.snapshot().plans
+        if all(have.get(p.name) == p for p in plans):
             return False
         with self._tx(write=True) as cur:
             for plan in plans:
